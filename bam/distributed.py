@@ -1,0 +1,105 @@
+"""Distributed helpers that do nothing without a process group.
+
+Library code never assumes ``torch.distributed`` is initialised: every collective here is the identity
+on one process, so the same loss and training step run on one CPU process, under ``torchrun`` and under
+SLURM. Only entry points call :func:`init_distributed`.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info() -> DistInfo:
+    if not is_dist():
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device | str | None = None, timeout_min: int = 30) -> DistInfo:
+    """Join the process group described by torchrun's or SLURM's environment; a no-op without one.
+
+    NCCL on CUDA, gloo on CPU. Reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or
+    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (srun); ``MASTER_ADDR``/``MASTER_PORT`` must be set.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        return DistInfo()
+    if world == 1 or is_dist():
+        return get_dist_info() if is_dist() else DistInfo()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_min))
+    logger.info("joined process group: rank %d of %d (%s)", rank, world, backend)
+    return DistInfo(rank, world, local)
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum`` or ``max``); the identity without a process group."""
+    if is_dist():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def mean_over_ranks(value: float | torch.Tensor) -> float:
+    """Average a scalar over ranks (for logging); returns a Python float."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    if is_dist():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        all_reduce_(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice.
+
+    The backward uses all_reduce rather than reduce_scatter because gloo has no reduce_scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``x`` in rank order, differentiable; ``[x]`` without a process group."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return [x]
+    return list(_GatherWithGrad.apply(x))
