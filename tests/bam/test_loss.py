@@ -66,16 +66,13 @@ def test_float32_and_half_inputs_compute_in_float32():
     assert BAMLoss(4)(z.half()).dtype == torch.float32
 
 
-def test_gradient_is_finite_nonzero_and_never_reaches_the_teacher():
+def test_gradient_is_finite_and_nonzero():
     z = _z(8, 4, d=16).float().requires_grad_()
-    zt = _z(8, 4, d=16, seed=3).float().requires_grad_()
-    BAMLoss(8, top_k=5)(z, zt).backward()
-    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
-    # the teacher only supplies targets and the plan; targets are gathered with gradient, but the plan is not
-    assert torch.isfinite(zt.grad).all()
-    zt2 = zt.detach().requires_grad_()
-    BAMLoss(8, top_k=5)(z.detach(), zt2).backward()
-    assert zt2.grad is not None  # targets T = teacher views carry gradient into S, as in the official code
+    zt = _z(8, 4, d=16, seed=3).float()
+    for teacher in (None, zt):
+        z.grad = None
+        BAMLoss(8, top_k=5)(z, teacher).backward()
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
 def test_positive_mask_layout_by_hand():
@@ -95,26 +92,14 @@ def test_top_k_mask_keeps_the_k_largest():
     assert top_k_mask(s, 9).all()
 
 
-def test_top_k_plan_shares_indices_across_views():
-    z = _z(4, 6, d=8)
-    n_large, b, k = 2, 6, 3
-    torch.manual_seed(0)
-    captured = {}
+def test_top_k_keeps_k_targets_per_image_shared_by_its_global_views(monkeypatch):
     import bam.loss as loss_module
-    real = loss_module.top_k_mask
-
-    def spy(scores, kk):
-        out = real(scores, kk)
-        captured["mask"] = out
-        return out
-
-    loss_module.top_k_mask = spy
-    try:
-        bam_loss(z, n_crops=4, top_k=k)
-    finally:
-        loss_module.top_k_mask = real
-    mask = captured["mask"]
-    assert mask.shape == (b, n_large * b) and mask.sum(1).eq(k).all()
+    seen = []
+    monkeypatch.setattr(loss_module, "top_k_mask", lambda s, k: seen.append(top_k_mask(s, k)) or seen[-1])
+    b, k = 6, 3
+    bam_loss(_z(4, b, d=8), n_crops=4, top_k=k)
+    (mask,) = seen
+    assert mask.shape == (b, 2 * b) and mask.sum(1).eq(k).all()
 
 
 def test_sinkhorn_marginals():
