@@ -77,11 +77,11 @@ def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | 
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first
-                   else "unknown")
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported global" in line), None)
+        if why is None:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (the unpickler failed)") from None
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: its pickle needs code beyond plain tensors and containers ({why.strip()}). "
+            f"refusing to load {path}: its pickle needs code beyond plain tensors and containers ({why}). "
             f"If you trust this file, pass --trust-checkpoint (load_backbone(..., trust=True))") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None

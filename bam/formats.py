@@ -81,7 +81,7 @@ def convert_dino(ckpt: dict) -> Converted:
 
 def convert_plain_vit(ckpt: dict) -> Converted:
     """A ViT state dict already in timm's names (DINO's and iBOT's released backbones)."""
-    return Converted(dict(ckpt), "dino")
+    return Converted(dict(ckpt), "dino_backbone")
 
 
 def convert_ibot(ckpt: dict) -> Converted:
@@ -285,8 +285,6 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, fmt: str = "
         raise ValueError(f"{path}: not a valid {fmt} checkpoint (no key {e}); try --format auto") from None
     if arch is not None:
         name, kwargs, guessed = arch, {}, []
-        if "patch_embed.proj.weight" in conv.state_dict:
-            kwargs = {"patch_size": conv.state_dict["patch_embed.proj.weight"].shape[-1]}
     elif conv.arch is not None:
         name, kwargs, guessed = conv.arch, dict(conv.arch_kwargs), []
     else:
