@@ -7,7 +7,8 @@ feature map flattened to ``h*w`` tokens (stride ``feature_stride``) and its pool
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch

@@ -77,7 +77,8 @@ def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | 
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported global" in line), None)
+        # torch names the offending global ("Unsupported global: GLOBAL posix.system ..."); garbage has none
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
         if why is None:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (the unpickler failed)") from None
         raise UnsafeCheckpointError(

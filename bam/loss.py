@@ -5,7 +5,7 @@ when ``top_k > 0``, ``sinkhorn_iters`` is honoured, and nothing assumes CUDA or 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,11 @@ def gather_targets(local: torch.Tensor, n_target_crops: int, gather_fn: GatherFn
     """
     per_rank = [g.chunk(n_target_crops) for g in gather_fn(local)]
     return torch.cat([chunks[c] for c in range(n_target_crops) for chunks in per_rank])
+
+
+def _inv_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``1 / max(||x_i||, eps)`` per row, as ``F.normalize`` divides."""
+    return 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)
 
 
 def bam_loss(z: torch.Tensor, z_teacher: torch.Tensor | None = None, *, n_crops: int, n_large_crops: int = 2,
@@ -58,15 +63,18 @@ def bam_loss(z: torch.Tensor, z_teacher: torch.Tensor | None = None, *, n_crops:
     b = z.shape[0] // n_crops
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # never half precision here
 
-    z = F.normalize(z.to(dtype), dim=-1)
-    zt = F.normalize(z_teacher.to(dtype), dim=-1) if z_teacher is not None else z
+    z = z.to(dtype)
+    zt = z_teacher.to(dtype) if z_teacher is not None else z
     targets = gather_targets(zt[: n_target_crops * b], n_target_crops, gather_fn)
     world_size = targets.shape[0] // (n_target_crops * b)
-    scores = z @ targets.t()  # [n_crops*B, n_target_crops*B_global]
+    # Cosine similarities. Scaling the [rows, targets] product by inverse norms, instead of normalising the
+    # [rows, D] inputs, keeps the element-wise work (and its backward) off the large D-wide tensors.
+    inv_targets = _inv_norm(targets)[None, :]
+    scores = (z @ targets.t()) * _inv_norm(z)[:, None] * inv_targets  # [n_crops*B, n_target_crops*B_global]
 
     mask = positive_mask(b, n_crops, n_target_crops, rank, world_size, z.device) if positive_masking else None
     with torch.no_grad():
-        plan_scores = scores if z_teacher is None else zt @ targets.t()
+        plan_scores = scores if z_teacher is None else (zt @ targets.t()) * _inv_norm(zt)[:, None] * inv_targets
         plan = self_optimal_transport(plan_scores.detach(), reg, sinkhorn_iters, mask,
                                       n_target_crops if positive_masking else 0, reduce_fn)
         plan = plan[: n_large_crops * b]

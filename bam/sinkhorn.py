@@ -1,7 +1,7 @@
 """Self optimal transport: the balanced target of BAM, a few Sinkhorn iterations on a similarity matrix."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
