@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 
-from eval.davis_metrics import (DavisInputError, boundary_f_measure, boundary_map, boundary_radius, evaluate,
-                                region_similarity, score_sequence, statistics, write_csvs)
+from eval.davis_metrics import (
+    DavisInputError,
+    boundary_f_measure,
+    boundary_map,
+    boundary_radius,
+    evaluate,
+    region_similarity,
+    score_sequence,
+    statistics,
+    write_csvs,
+)
 
 from .davis_fixtures import moving_ellipses, write_indexed, write_sequence
 

@@ -1,0 +1,65 @@
+"""results.json: what every task writes, and the short table the front door prints."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ["torch", "torchvision", "timm", "numpy", "scikit-learn", "scikit-image", "opencv-python", "pillow",
+             "bam-ssl"]
+
+
+def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` atomically (a temporary file renamed over the old one)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "results.json"
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=output_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(results), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(task: str, metrics: dict[str, float], label: str) -> str:
+    """A short fixed-width table of the headline metrics."""
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [f"{task} -- {label}", "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>9.4f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>9}"
+              for k, v in metrics.items()]
+    return "\n".join(lines)

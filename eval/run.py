@@ -1,0 +1,154 @@
+"""The one front door: evaluate any checkpoint on any downstream task.
+
+    python eval/run.py --task davis                                  # random-init ViT-S/16 on the built-in sample
+    python eval/run.py --task davis --checkpoint dino_vits16.pth --data /data/DAVIS
+    python eval/run.py --task davis --predictions my_method/ --data /data/DAVIS   # score another method's PNGs
+
+Every run writes <output-dir>/results.json (task, metrics, checkpoint and its sha256, detected format, arch,
+data, resolved config, versions, seconds) and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from bam.backbones import ARCHS, Backbone, build_backbone  # noqa: E402
+from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
+from bam.formats import CONVERTERS, load_backbone  # noqa: E402
+from eval.context import TaskContext  # noqa: E402
+from eval.results import format_table, sha256, versions, write_results  # noqa: E402
+from transfer.samples.cache import default_cache_dir  # noqa: E402
+
+logger = logging.getLogger("eval.run")
+
+# task name -> module with HELP, add_arguments(group), builtin_sample(cache_dir), run(ctx, args)
+TASKS: dict[str, str] = {
+    "davis": "transfer.davis_task",
+}
+DEFAULT_ARCH = "vit_small_patch16_224"
+
+
+def task_module(name: str) -> ModuleType:
+    return importlib.import_module(TASKS[name])
+
+
+class FrontDoorParser(argparse.ArgumentParser):
+    """argparse that names the valid flags when it meets an unknown one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "unrecognized arguments" in message:
+            flags = sorted({s for a in self._actions for s in a.option_strings if s.startswith("--")})
+            message += f"; valid flags: {' '.join(flags)}"
+        super().error(message)
+
+
+def get_args_parser(task: str | None) -> argparse.ArgumentParser:
+    parser = FrontDoorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="tasks: " + "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS))
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream protocol to run")
+    parser.add_argument("--checkpoint", default=None,
+                        help="any checkpoint load_backbone reads (ours, official BAM, DINO, MoCo v3, MAE, iBOT, "
+                             "DINOv2, timm, torchvision, SwAV); none: a random-init baseline of --arch")
+    parser.add_argument("--arch", default=None, help=f"backbone name (default: from the checkpoint, or {DEFAULT_ARCH} "
+                        f"without one); known: {', '.join(sorted(ARCHS))}")
+    parser.add_argument("--format", default="auto", choices=["auto", *CONVERTERS], help="checkpoint format")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint whose pickle needs arbitrary code (only for files you trust)")
+    parser.add_argument("--data", default=None, help="data root (default: the task's built-in sample)")
+    parser.add_argument("--output-dir", default=None, help="where results go (default: outputs/<task>)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda[:N]")
+    parser.add_argument("--cache-dir", default=None, help="where built-in samples are generated "
+                        "(default: $BAM_CACHE or ~/.cache/bam)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random-init baseline and any sampling")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    for name in [task] if task else TASKS:
+        module = task_module(name)
+        module.add_arguments(parser.add_argument_group(f"--task {name}", module.HELP))
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def make_backbone_loader(args: argparse.Namespace, info: dict):
+    def load() -> Backbone:
+        if args.checkpoint:
+            backbone = load_backbone(args.checkpoint, arch=args.arch, fmt=args.format, trust=args.trust_checkpoint)
+            info.update(checkpoint=str(Path(args.checkpoint).resolve()), checkpoint_sha256=sha256(args.checkpoint),
+                        checkpoint_format=backbone.checkpoint_format, random_init=False)
+        else:
+            torch.manual_seed(args.seed)
+            backbone = build_backbone(args.arch or DEFAULT_ARCH)
+            logger.warning("no --checkpoint: evaluating a RANDOMLY INITIALISED %s (a baseline, not a trained model)",
+                           backbone.arch)
+            info.update(checkpoint=None, checkpoint_sha256=None, checkpoint_format=None, random_init=True)
+        info.update(arch=backbone.arch, arch_kwargs=backbone.arch_kwargs)
+        return backbone
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    known, _ = pre.parse_known_args(argv)
+    task = known.task if known.task in TASKS else None
+    args = get_args_parser(task).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, UnsafeCheckpointError) as e:
+        if args.debug:
+            raise
+        logger.error("%s", e)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.time()
+    module = task_module(args.task)
+    device = resolve_device(args.device)
+    output_dir = Path(args.output_dir or Path("outputs") / args.task)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").unlink(missing_ok=True)  # a failed run must not leave old results looking new
+    if args.data:
+        data_root, is_sample = Path(args.data), False
+        if not data_root.is_dir():
+            raise FileNotFoundError(f"--data {data_root} is not a folder")
+    else:
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        data_root, is_sample = module.builtin_sample(cache), True
+        logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
+    info: dict = {"checkpoint": None, "checkpoint_sha256": None, "checkpoint_format": None, "random_init": None,
+                  "arch": None}
+    ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info))
+    outcome = module.run(ctx, args)
+    metrics = outcome.pop("metrics")
+    results = {"task": args.task, "metrics": metrics, **info,
+               "data": {"root": str(data_root.resolve()), "builtin_sample": is_sample},
+               "config": vars(args), "versions": versions(), "seconds": round(time.time() - start, 2), **outcome}
+    if is_sample:
+        results["note"] = "built-in sample generated from scikit-image data: shows the pipeline works; not DAVIS"
+    path = write_results(output_dir, results)
+    label = "random-init " + (info["arch"] or "") if info["random_init"] else (info["checkpoint"] or "predictions")
+    print(format_table(args.task, metrics, f"{label}{' (built-in sample)' if is_sample else ''}"))
+    logger.info("wrote %s (%.0f s)", path, results["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

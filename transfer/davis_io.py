@@ -1,0 +1,102 @@
+"""DAVIS-2017 on disk: sequences, frames, palette annotations, prediction PNGs and overlays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.davis_metrics import DavisInputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Sequence:
+    name: str
+    frames: list[Path]  # JPEGs in order
+    first_annotation: Path  # the annotation of frames[0]
+
+
+def sequence_names(root: Path, subset: str = "val", names: list[str] | None = None) -> list[str]:
+    """The sequences of ``ImageSets/2017/<subset>.txt``, or ``names`` when given."""
+    if names:
+        return names
+    listing = root / "ImageSets" / "2017" / f"{subset}.txt"
+    if not listing.is_file():
+        raise DavisInputError(f"{listing} is missing; point --data at a DAVIS-2017 root or pass --sequences a,b")
+    found = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if not found:
+        raise DavisInputError(f"{listing} lists no sequences")
+    return found
+
+
+def load_sequence(root: Path, name: str) -> Sequence:
+    """Check that a sequence has frames and a first-frame annotation; fail with one line naming the path."""
+    img_dir = root / "JPEGImages" / "480p" / name
+    frames = sorted(img_dir.glob("*.jpg"))
+    if not frames:
+        raise DavisInputError(f"{img_dir}: no frames (*.jpg) for sequence {name}; check --data and --sequences")
+    first = root / "Annotations" / "480p" / name / f"{frames[0].stem}.png"
+    if not first.is_file():
+        raise DavisInputError(f"{first}: the first-frame annotation of {name} is missing; propagation needs it")
+    return Sequence(name, frames, first)
+
+
+def read_first_annotation(path: Path) -> tuple[np.ndarray, list[int]]:
+    """Labels (as stored: 255 marks void) and palette of a first-frame annotation."""
+    with Image.open(path) as im:
+        if im.mode != "P":
+            raise DavisInputError(f"{path}: annotations must be palette PNGs (index = object id), found mode {im.mode}")
+        return np.array(im), im.getpalette()
+
+
+def frame_size(h: int, w: int, short_side: int = 480, multiple: int = 64) -> tuple[int, int]:
+    """DINO's evaluation size: the short side to ``short_side``, the long side floored to a ``multiple``."""
+    if h == w:
+        return short_side, short_side
+    long_side = int((short_side * max(h, w) / min(h, w)) // multiple * multiple)
+    return (short_side, long_side) if h < w else (long_side, short_side)
+
+
+def read_frame(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A frame as ``[3, H, W]``, resized (bilinear, OpenCV as DINO) and ImageNet-normalised."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DavisInputError(f"{path}: cannot read this frame")
+    img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).float() / 255.0
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def original_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
+def write_indexed_png(path: Path, labels: np.ndarray, palette: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im.putpalette(palette)
+    im.save(path)
+
+
+def write_overlay(path: Path, frame: Path, truth: Path, prediction: Path, palette: list[int]) -> None:
+    """Side by side at half size: ground truth over the frame | prediction over the frame."""
+    rgb = np.array(Image.open(frame).convert("RGB"), dtype=np.float32)
+    colours = np.array(palette[:768], dtype=np.float32).reshape(256, 3)
+    panels = []
+    for mask_path in (truth, prediction):
+        labels = np.array(Image.open(mask_path))
+        blend = rgb.copy()
+        fg = labels > 0
+        blend[fg] = 0.45 * rgb[fg] + 0.55 * colours[labels[fg]]
+        panels.append(blend)
+    both = np.concatenate(panels, axis=1).clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(both).resize((both.shape[1] // 2, both.shape[0] // 2), Image.BILINEAR).save(path)

@@ -1,0 +1,124 @@
+"""``python eval/run.py --task davis``: propagate first-frame masks through DAVIS-2017 videos and score them."""
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bam.backbones import Backbone
+from eval.context import TaskContext
+from eval.davis_metrics import evaluate, write_csvs
+from transfer.davis import pil_nearest_resize, propagate_labels, soft_to_mask
+from transfer.davis_io import (
+    Sequence,
+    frame_size,
+    load_sequence,
+    original_size,
+    read_first_annotation,
+    read_frame,
+    sequence_names,
+    write_indexed_png,
+    write_overlay,
+)
+from transfer.samples import davis as davis_sample
+from transfer.samples.cache import ensure_generated
+
+logger = logging.getLogger(__name__)
+HELP = "DAVIS-2017 semi-supervised video object segmentation by label propagation (J&F)"
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--set", default="val", choices=["val", "train"], help="ImageSets/2017/<set>.txt to run")
+    group.add_argument("--sequences", default=None, help="comma-separated sequence names (default: the whole set)")
+    group.add_argument("--predictions", default=None, help="score the indexed PNGs in this folder (<seq>/<frame>.png) "
+                       "instead of propagating: any method's results, as the official evaluation_method.py")
+    group.add_argument("--n-last-frames", type=int, default=7, help="predicted frames kept as context besides frame 0")
+    group.add_argument("--size-mask-neighborhood", type=int, default=12,
+                       help="only propagate from patches at most this many rows/columns away (0: no restriction)")
+    group.add_argument("--topk", type=int, default=5, help="context patches kept per target patch")
+    group.add_argument("--temperature", type=float, default=0.1, help="affinity exp(cosine / temperature)")
+    group.add_argument("--n-blocks", type=int, default=1, help="concatenate the patch tokens of the last n blocks")
+    group.add_argument("--short-side", type=int, default=480, help="frames are resized so the short side is this")
+    group.add_argument("--long-multiple", type=int, default=64, help="... and the long side floored to this multiple")
+    group.add_argument("--frames-per-batch", type=int, default=4, help="frames per backbone forward pass")
+    group.add_argument("--no-overlays", action="store_true", help="skip the per-sequence overlay images")
+
+
+def builtin_sample(cache_dir: Path) -> Path:
+    return ensure_generated(cache_dir / davis_sample.sample_dirname(), davis_sample.generate)
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, frames: list[Path], size: tuple[int, int], n_blocks: int, batch: int,
+                     device: torch.device, progress: tqdm | None = None) -> torch.Tensor:
+    """``[T, h, w, n_blocks*D]`` patch features of every frame (CLS dropped), on ``device``."""
+    out = []
+    with ThreadPoolExecutor(2) as pool:  # decode and resize the next frames while the backbone runs
+        images = pool.map(lambda p: read_frame(p, size), frames)
+        for start in range(0, len(frames), batch):
+            x = torch.stack([next(images) for _ in frames[start:start + batch]]).to(device)
+            layers = backbone.get_intermediate_layers(x, n_blocks)
+            h, w = layers[-1]["hw"]
+            out.append(torch.cat([layer["patch"] for layer in layers], dim=-1).reshape(len(x), h, w, -1))
+            if progress is not None:
+                progress.update(len(x))
+    return torch.cat(out)
+
+
+def propagate_sequence(backbone: Backbone, seq: Sequence, out_dir: Path, args: argparse.Namespace,
+                       device: torch.device, progress: tqdm | None = None) -> None:
+    """Write ``out_dir/<seq>/<frame>.png`` for every frame (frame 0 = its ground truth)."""
+    raw_first, palette = read_first_annotation(seq.first_annotation)
+    first = np.where(raw_first == 255, 0, raw_first)  # void is background, as in the scoring
+    height, width = original_size(seq.frames[0])
+    size = frame_size(height, width, args.short_side, args.long_multiple)
+    feats = extract_features(backbone, seq.frames, size, args.n_blocks, args.frames_per_batch, device, progress)
+    h, w = feats.shape[1:3]
+    small = pil_nearest_resize(torch.from_numpy(first.astype(np.int64)), (h, w))
+    one_hot = torch.nn.functional.one_hot(small, int(first.max()) + 1).permute(2, 0, 1).float()
+    soft = propagate_labels(feats, one_hot.to(device), args.n_last_frames, args.size_mask_neighborhood, args.topk,
+                            args.temperature)
+    seq_dir = out_dir / seq.name
+    write_indexed_png(seq_dir / f"{seq.frames[0].stem}.png", raw_first, palette)
+    for t in range(1, len(seq.frames)):
+        mask = soft_to_mask(soft[t], backbone.feature_stride, (height, width))
+        write_indexed_png(seq_dir / f"{seq.frames[t].stem}.png", mask.cpu().numpy(), palette)
+
+
+def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
+    names = sequence_names(ctx.data_root, args.set, args.sequences.split(",") if args.sequences else None)
+    annotations = ctx.data_root / "Annotations" / "480p"
+    if args.predictions:
+        pred_dir = Path(args.predictions)
+        if not pred_dir.is_dir():
+            raise FileNotFoundError(f"--predictions {pred_dir} is not a folder of <seq>/<frame>.png")
+    else:
+        sequences = [load_sequence(ctx.data_root, n) for n in names]  # check every sequence before any work
+        for s in sequences:
+            read_first_annotation(s.first_annotation)
+        backbone = ctx.load_backbone().to(ctx.device).eval()
+        if not backbone.is_vit:
+            logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
+                           backbone.arch, backbone.feature_stride)
+        pred_dir = ctx.output_dir
+        total = sum(len(s.frames) for s in sequences)
+        with tqdm(total=total, desc="davis frames", unit="frame", dynamic_ncols=True) as bar:
+            for s in sequences:
+                bar.set_postfix_str(s.name)
+                propagate_sequence(backbone, s, pred_dir, args, ctx.device, bar)
+        if not args.no_overlays:
+            for s in sequences:
+                mid = s.frames[len(s.frames) // 2]
+                write_overlay(ctx.output_dir / "overlays" / f"{s.name}.png", mid, annotations / s.name /
+                              f"{mid.stem}.png", pred_dir / s.name / f"{mid.stem}.png",
+                              read_first_annotation(s.first_annotation)[1])
+    result = evaluate(annotations, pred_dir, names)
+    global_csv, seq_csv = write_csvs(result, ctx.output_dir, args.set)
+    logger.info("wrote %s and %s", global_csv, seq_csv)
+    return {"metrics": result["metrics"], "per_object": result["per_object"], "predictions": str(pred_dir),
+            "sequences": names}
