@@ -24,46 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.davis_metrics import evaluate  # noqa: E402
+from tests.transfer.reference_propagation import straightforward_propagation  # noqa: E402
 from transfer.davis import propagate_labels  # noqa: E402
-
-
-def straightforward_propagation(features, first_labels, n_last_frames=7, size=12, topk=5, temperature=0.1):
-    """One frame at a time, as DINO's eval_video_segmentation.py computes it."""
-    t_len, h, w, d = features.shape
-    c = first_labels.shape[0]
-    t0 = time.perf_counter()
-    mask = torch.zeros(h, w, h, w)
-    for i in range(h):  # built once per video, element by element
-        for j in range(w):
-            for p in range(2 * size + 1):
-                for q in range(2 * size + 1):
-                    ii, jj = i - size + p, j - size + q
-                    if 0 <= ii < h and 0 <= jj < w:
-                        mask[i, j, ii, jj] = 1
-    mask = mask.reshape(h * w, h * w)
-    mask_seconds = time.perf_counter() - t0
-    first = features[0].reshape(-1, d).T
-    queue, out = [], [first_labels[None]]
-    for t in range(1, t_len):
-        tar = features[t].reshape(-1, d)
-        feats = [first] + [q[0] for q in queue]
-        segs = [first_labels[None]] + [q[1] for q in queue]
-        n_ctx = len(feats)
-        src = F.normalize(torch.stack(feats), dim=1, p=2)
-        q = F.normalize(tar, dim=1, p=2).unsqueeze(0).repeat(n_ctx, 1, 1)
-        aff = torch.exp(torch.bmm(q, src) / temperature)
-        aff *= mask.unsqueeze(0)
-        aff = aff.transpose(2, 1).reshape(-1, h * w)
-        kth = aff.topk(topk, dim=0).values.min(dim=0).values
-        aff[aff < kth] = 0
-        aff = aff / aff.sum(dim=0, keepdim=True)
-        seg = torch.cat(segs).reshape(n_ctx, c, -1).transpose(2, 1).reshape(-1, c).T
-        seg_t = (seg @ aff).reshape(1, c, h, w)
-        if len(queue) == n_last_frames:
-            queue.pop(0)
-        queue.append((tar.T, seg_t))
-        out.append(seg_t)
-    return torch.cat(out), mask_seconds
 
 
 def smooth_features(t_len, h, w, d, seed=0):

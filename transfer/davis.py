@@ -14,11 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
+def near(targets: torch.Tensor, sources: torch.Tensor, w: int, size: int) -> torch.Tensor:
+    """bool ``[len(targets), len(sources)]``: patches (flat indices on a grid of width ``w``) at most ``size`` rows
+    and ``size`` columns apart."""
+    dy = (targets[:, None].div(w, rounding_mode="floor") - sources[None].div(w, rounding_mode="floor")).abs()
+    dx = (targets[:, None] % w - sources[None] % w).abs()
+    return (dy <= size) & (dx <= size)
+
+
 def neighbourhood_mask(h: int, w: int, size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """bool ``[h*w, h*w]``: True where two patches are at most ``size`` rows and ``size`` columns apart."""
-    rows = torch.arange(h, device=device).repeat_interleave(w)
-    cols = torch.arange(w, device=device).repeat(h)
-    return ((rows[:, None] - rows[None, :]).abs() <= size) & ((cols[:, None] - cols[None, :]).abs() <= size)
+    """bool ``[h*w, h*w]``: the square neighbourhood of every patch (the dense form of :func:`near`)."""
+    every = torch.arange(h * w, device=device)
+    return near(every, every, w, size)
 
 
 def context_frames(t: int, n_last_frames: int) -> list[int]:
@@ -26,32 +33,78 @@ def context_frames(t: int, n_last_frames: int) -> list[int]:
     return [0, *range(max(1, t - n_last_frames), t)]
 
 
-def top_affinities(features: torch.Tensor, targets: list[int], n_last_frames: int, mask: torch.Tensor | None,
-                   topk: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _spans(length: int, tile: int, size: int):
+    """Tiles ``[a, b)`` of one grid axis and the window ``[lo, hi)`` of sources within ``size`` of each."""
+    for a in range(0, length, tile):
+        b = min(length, a + tile)
+        yield a, b, max(0, a - size), min(length, b + size)
+
+
+def column_bands(features: torch.Tensor, size: int, tile: int) -> list[tuple[int, int, int, torch.Tensor]]:
+    """``(j0, j1, c0, band)`` per column tile: ``band = features[:, :, c0:c1]`` made contiguous once per video.
+
+    Within a band, every row window of a frame is one contiguous block, so the products below need no copies.
+    """
+    w = features.shape[2]
+    if size <= 0:
+        return [(0, w, 0, features)]
+    return [(a, b, lo, features[:, :, lo:hi].contiguous()) for a, b, lo, hi in _spans(w, tile, size)]
+
+
+def _frames(band: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """``band[frames]``, as a view when the frames are all the same (frame 0) or consecutive."""
+    first, last = int(frames[0]), int(frames[-1])
+    if first == last:
+        return band[first].expand(len(frames), *band.shape[1:])
+    if last - first == len(frames) - 1 and bool((frames.diff() == 1).all()):
+        return band[first:last + 1]
+    return band.index_select(0, frames)
+
+
+def top_affinities(bands: list[tuple[int, int, int, torch.Tensor]], targets: list[int], n_last_frames: int,
+                   size: int, topk: int, temperature: float, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each target frame, its patches' ``topk`` context entries and their normalised weights.
 
     Args:
-        features: ``[T, N, D]`` L2-normalised patch features of every frame.
+        bands: :func:`column_bands` of the ``[T, h, w, D]`` L2-normalised patch features.
         targets: frame indices, all with the same number of context frames.
-        mask: optional bool ``[N, N]`` (target patch, source patch) neighbourhood.
+        size: neighbourhood half-width in patches (0: no restriction).
+        tile: targets are taken ``tile x tile`` patches at a time against only the sources within reach: about
+            half the multiply-adds of the dense product at DAVIS's 30x52 patches.
     Returns:
-        ``weights [len(targets), N, topk]`` (summing to 1 over the last axis) and ``index`` of the same shape into
-        the flattened ``[n_context * N]`` context patches of each target.
+        ``weights [len(targets), h*w, k]`` (summing to 1 over the last axis) and ``index`` of the same shape into
+        the flattened ``[n_context * h * w]`` context patches of each target.
     """
-    ctx = torch.tensor([context_frames(t, n_last_frames) for t in targets], device=features.device)
-    queries = features[targets]  # [B, N, D]
-    sources = features[ctx]  # [B, n_ctx, N, D]
-    sim = torch.einsum("bqd,bcsd->bqcs", queries, sources)  # [B, N (target), n_ctx, N (source)]
-    if mask is not None:
-        sim.masked_fill_(~mask[None, :, None, :], float("-inf"))
-    values, index = sim.flatten(2).topk(topk, dim=-1)  # [B, N, topk] over all context frames jointly
-    # exp(v / T) normalised over the kept entries is a softmax over them
-    return torch.softmax(values / temperature, dim=-1), index
+    _, h, _, _ = bands[0][3].shape
+    w = bands[-1][1]
+    n, device = h * w, bands[0][3].device
+    ctx = torch.tensor([context_frames(t, n_last_frames) for t in targets], device=device)
+    n_ctx = ctx.shape[1]
+    k = min(topk, n_ctx * n)
+    weights = torch.empty(len(targets), n, k, device=device)
+    index = torch.empty(len(targets), n, k, dtype=torch.long, device=device)
+    flat = torch.arange(n, device=device).view(h, w)
+    row_spans = list(_spans(h, tile, size)) if size > 0 else [(0, h, 0, h)]
+    for j0, j1, c0, band in bands:
+        c1 = c0 + band.shape[2]
+        for i0, i1, r0, r1 in row_spans:
+            q = band[targets, i0:i1, j0 - c0:j1 - c0].flatten(1, 2)  # [B, tn, D]
+            sim = torch.stack([torch.bmm(q, _frames(band, ctx[:, c])[:, r0:r1].flatten(1, 2).transpose(1, 2))
+                               for c in range(n_ctx)], dim=2)  # [B, tn, n_ctx, wn]
+            targets_here, window = flat[i0:i1, j0:j1].flatten(), flat[r0:r1, c0:c1].flatten()
+            if size > 0:
+                reach = near(targets_here, window, w, size)
+                sim += torch.zeros(reach.shape, device=device).masked_fill_(~reach, float("-inf"))[:, None]
+            values, local = sim.flatten(2).topk(min(k, sim[0, 0].numel()), dim=-1)  # over all context frames
+            # exp(v / T) normalised over the kept entries is a softmax over them
+            weights[:, targets_here] = torch.softmax(values / temperature, dim=-1)
+            index[:, targets_here] = (local // window.numel()) * n + window[local % window.numel()]
+    return weights, index
 
 
 def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_frames: int = 7,
                      size_mask_neighborhood: int = 12, topk: int = 5, temperature: float = 0.1,
-                     chunk: int = 8) -> torch.Tensor:
+                     chunk: int = 8, tile: int | None = None) -> torch.Tensor:
     """Propagate frame 0's labels through a video.
 
     Args:
@@ -61,7 +114,8 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_
         size_mask_neighborhood: only source patches at most this many rows and columns away (0 = everywhere).
         topk: context entries kept per target patch, over all context frames jointly.
         temperature: affinity ``exp(cosine / temperature)``.
-        chunk: target frames whose affinities are computed together (memory ~ chunk * 8 * N^2 floats).
+        chunk: target frames whose affinities are computed together (memory ~ chunk * 8 * N^2 / 2 floats).
+        tile: target tile side in patches (default ``max(8, size_mask_neighborhood)``).
     Returns:
         ``[T, C, h, w]`` soft labels at patch resolution (frame 0 = ``first_labels``); these are also what the
         context queue holds.
@@ -69,8 +123,9 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_
     t_len, h, w, d = features.shape
     c = first_labels.shape[0]
     n = h * w
-    feats = F.normalize(features.reshape(t_len, n, d).float(), dim=-1)
-    mask = neighbourhood_mask(h, w, size_mask_neighborhood, feats.device) if size_mask_neighborhood > 0 else None
+    feats = F.normalize(features.float(), dim=-1)
+    tile = tile or max(8, size_mask_neighborhood)
+    bands = column_bands(feats, size_mask_neighborhood, tile)
     labels = torch.zeros(t_len, c, n, device=feats.device)
     labels[0] = first_labels.reshape(c, n).to(feats.device, torch.float32)
     t = 1
@@ -78,7 +133,7 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_
         # frames with the same context length batch together (all of them once t > n_last_frames)
         n_ctx = len(context_frames(t, n_last_frames))
         block = [s for s in range(t, min(t + chunk, t_len)) if len(context_frames(s, n_last_frames)) == n_ctx]
-        weights, index = top_affinities(feats, block, n_last_frames, mask, min(topk, n_ctx * n), temperature)
+        weights, index = top_affinities(bands, block, n_last_frames, size_mask_neighborhood, topk, temperature, tile)
         for b, s in enumerate(block):
             ctx_labels = labels[context_frames(s, n_last_frames)].transpose(0, 1).reshape(c, -1)  # [C, n_ctx*N]
             labels[s] = (ctx_labels[:, index[b]] * weights[b]).sum(-1)

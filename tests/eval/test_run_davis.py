@@ -1,0 +1,131 @@
+"""The front door on a tiny DAVIS-layout folder: results.json, official CSVs, --predictions, bad input."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bam.formats import backbone_checkpoint
+from eval.results import sha256
+from eval.run import main
+
+from .davis_fixtures import moving_ellipses, write_sequence
+
+FAST = ["--short-side", "64", "--long-multiple", "32", "--no-overlays"]
+
+
+@pytest.fixture
+def davis_root(tmp_path):
+    root = tmp_path / "DAVIS"
+    rng = np.random.default_rng(0)
+    for name, n_obj in (("alpha", 1), ("beta", 2)):
+        labels = moving_ellipses(64, 96, 6, n_obj, rng)
+        write_sequence(root / "Annotations" / "480p", name, labels)
+        img_dir = root / "JPEGImages" / "480p" / name
+        img_dir.mkdir(parents=True)
+        for t, lab in enumerate(labels):
+            rgb = np.stack([lab * 80 + 40, 120 - lab * 30, 60 + lab * 50], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(img_dir / f"{t:05d}.jpg")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("alpha\nbeta\n")
+    return root
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_vit):
+    path = tmp_path / "tiny.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    return path
+
+
+def test_davis_end_to_end_with_a_checkpoint_then_scoring_its_predictions(davis_root, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--task", "davis", "--data", str(davis_root), "--checkpoint", str(tiny_checkpoint),
+                 "--output-dir", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "davis" and res["checkpoint_format"] == "bam" and res["random_init"] is False
+    assert res["checkpoint_sha256"] == sha256(tiny_checkpoint)
+    assert res["data"] == {"root": str(davis_root.resolve()), "builtin_sample": False}
+    assert set(res["metrics"]) == {"J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"}
+    assert set(res["per_object"]) == {"alpha_1", "beta_1", "beta_2"}
+    assert res["config"]["topk"] == 5 and "torch" in res["versions"] and res["seconds"] > 0
+    # predictions: every frame, original size, the dataset's palette; frame 0 is the ground truth
+    frames = sorted((out / "beta").glob("*.png"))
+    assert len(frames) == 6
+    with Image.open(frames[3]) as im:
+        assert im.mode == "P" and im.size == (96, 64)
+    first_pred = np.array(Image.open(frames[0]))
+    assert np.array_equal(first_pred, np.array(Image.open(davis_root / "Annotations/480p/beta/00000.png")))
+    # the official CSV carries the same numbers, rounded to 3 decimals
+    header, values = (out / "global_results-val.csv").read_text().splitlines()
+    assert header == "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay"
+    assert values == ",".join(f"{res['metrics'][k]:.3f}" for k in header.split(","))
+
+    # --predictions scores any folder of PNGs without a model: the same numbers
+    scored = tmp_path / "scored"
+    assert main(["--task", "davis", "--data", str(davis_root), "--predictions", str(out),
+                 "--output-dir", str(scored)]) == 0
+    again = json.loads((scored / "results.json").read_text())
+    assert again["metrics"] == res["metrics"] and again["checkpoint"] is None
+
+
+def test_random_init_baseline_is_labelled_and_resnets_use_their_last_feature_map(davis_root, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert main(["--task", "davis", "--data", str(davis_root), "--arch", "resnet18", "--sequences", "alpha",
+                 "--output-dir", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["random_init"] is True and res["arch"] == "resnet18" and res["sequences"] == ["alpha"]
+    assert "RANDOMLY INITIALISED" in caplog.text and "last feature map (stride 32)" in caplog.text
+
+
+def _fails(argv, caplog, match):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert match in errors[0], errors[0]
+
+
+def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):
+    out = tmp_path / "out"
+    base = ["--task", "davis", "--data", str(davis_root), "--output-dir", str(out), *FAST]
+    (davis_root / "Annotations/480p/beta/00000.png").rename(davis_root / "gt0.png")
+    _fails(base, caplog, "beta/00000.png: the first-frame annotation of beta is missing")
+    (davis_root / "gt0.png").rename(davis_root / "Annotations/480p/beta/00000.png")
+
+    Image.open(davis_root / "Annotations/480p/beta/00000.png").convert("RGB").save(davis_root / "rgb.png")
+    (davis_root / "Annotations/480p/beta/00000.png").rename(davis_root / "keep.png")
+    (davis_root / "rgb.png").rename(davis_root / "Annotations/480p/beta/00000.png")
+    _fails(base, caplog, "annotations must be palette PNGs")
+    (davis_root / "keep.png").replace(davis_root / "Annotations/480p/beta/00000.png")
+
+    (davis_root / "ImageSets/2017/val.txt").write_text("alpha\nbeta\ngamma\n")
+    _fails(base, caplog, "gamma: no frames (*.jpg) for sequence gamma")
+    assert not (out / "results.json").exists()
+    (davis_root / "ImageSets/2017/val.txt").write_text("alpha\nbeta\n")
+
+    _fails([*base, "--predictions", str(tmp_path / "nowhere")], caplog, "is not a folder")
+    if not torch.cuda.is_available():
+        _fails([*base, "--device", "cuda"], caplog, "--device cuda was asked for but CUDA is not available")
+    _fails([*base, "--checkpoint", str(tmp_path / "missing.pth")], caplog, "missing.pth does not exist")
+    _fails(["--task", "davis", "--data", str(tmp_path / "nope")], caplog, "is not a folder")
+
+
+def test_unknown_task_and_flag_name_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "segment-anything"])
+    assert "invalid choice: 'segment-anything' (choose from 'davis'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--task", "davis", "--top-k", "3"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --top-k 3" in err and "--topk" in err and "--n-last-frames" in err
+
+
+def test_help_lists_tasks_and_their_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--task davis" in out and "--size-mask-neighborhood" in out and "davis: DAVIS-2017" in out
