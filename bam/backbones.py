@@ -25,6 +25,7 @@ class Backbone(nn.Module):
         self.model = model
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs or {})
+        self.checkpoint_format: str | None = None  # set by load_backbone
         self.is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks")
         self.embed_dim: int = model.num_features
         if self.is_vit:

@@ -66,7 +66,9 @@ _OFFICIAL_BAM_ARCHS = {"vit_small": "vit_small_mocov3_patch16_224", "vit_base": 
 def convert_bam_official(ckpt: dict) -> Converted:
     """DanielShalam/BAM ``main_pretrain.py``: ``{"model": wrapper state dict, "args": Namespace, ...}``."""
     model = ckpt["model"]
-    prefix = next(p for p in _OFFICIAL_BAM_PREFIXES if _has_prefix(model, p))
+    prefix = next((p for p in _OFFICIAL_BAM_PREFIXES if _has_prefix(model, p)), None)
+    if prefix is None:
+        raise ValueError(f"no backbone weights under any of {list(_OFFICIAL_BAM_PREFIXES)} in 'model'")
     args = ckpt.get("args")
     arch = _OFFICIAL_BAM_ARCHS.get(getattr(args, "arch", None)) if args is not None else None
     kwargs = {"patch_size": int(args.patch_size)} if arch and hasattr(args, "patch_size") else {}
@@ -163,7 +165,7 @@ def detect_format(ckpt: Any) -> str:
         return "mae"
     sd = _unwrap_plain(ckpt)
     if not _is_state_dict(sd):
-        raise ValueError("unrecognised")
+        raise _unrecognised(ckpt)
     if _has_prefix(sd, "prototypes.") or _has_prefix(sd, "projection_head.") or "module.conv1.weight" in sd:
         return "swav"
     if "register_tokens" in sd or ("mask_token" in sd and "blocks.0.attn.qkv.weight" in sd):
@@ -174,7 +176,12 @@ def detect_format(ckpt: Any) -> str:
         return "dino_backbone"
     if "patch_embed.proj.weight" in sd or "stem.conv.weight" in sd or "conv1.weight" in sd:
         return "timm"
-    raise ValueError("unrecognised")
+    raise _unrecognised(ckpt)
+
+
+def _unrecognised(ckpt: dict) -> ValueError:
+    return ValueError(f"unrecognised checkpoint format (known: {', '.join(CONVERTERS)}); "
+                      f"top-level keys: {sorted(map(str, ckpt))[:12]}")
 
 
 def convert(ckpt: dict, fmt: str = "auto") -> Converted:
@@ -277,11 +284,7 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, fmt: str = "
     try:
         conv = convert(ckpt, fmt)
     except ValueError as e:
-        if str(e) != "unrecognised":
-            raise ValueError(f"{path}: {e}") from None
-        seen = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: unrecognised checkpoint format (known: {', '.join(CONVERTERS)}); "
-                         f"top-level keys: {seen}") from None
+        raise ValueError(f"{path}: {e}") from None
     except KeyError as e:
         raise ValueError(f"{path}: not a valid {fmt} checkpoint (no key {e}); try --format auto") from None
     if arch is not None:

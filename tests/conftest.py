@@ -16,5 +16,5 @@ def tiny_vit():
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs(caplog):
+def _capture_info_logs(caplog):
     caplog.set_level(logging.INFO)

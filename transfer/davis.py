@@ -9,6 +9,8 @@ frames at once; only the cheap weighted sum of labels runs frame by frame.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,15 +42,43 @@ def _spans(length: int, tile: int, size: int):
         yield a, b, max(0, a - size), min(length, b + size)
 
 
-def column_bands(features: torch.Tensor, size: int, tile: int) -> list[tuple[int, int, int, torch.Tensor]]:
-    """``(j0, j1, c0, band)`` per column tile: ``band = features[:, :, c0:c1]`` made contiguous once per video.
+@dataclass(frozen=True)
+class Tile:
+    """A block of target patches and the window of source patches within their reach."""
+    rows: tuple[int, int]  # target rows [i0, i1)
+    cols: tuple[int, int]  # target columns [j0, j1)
+    src_rows: tuple[int, int]  # reachable rows [r0, r1)
+    src_cols: tuple[int, int]  # reachable columns [c0, c1)
+    targets: torch.Tensor  # flat indices of the target patches, row-major
+    window: torch.Tensor  # flat indices of the reachable patches, row-major
+    bias: torch.Tensor | None  # [targets, window]: 0 inside the square neighbourhood, -inf outside
 
-    Within a band, every row window of a frame is one contiguous block, so the products below need no copies.
+
+def plan_tiles(h: int, w: int, size: int, tile: int, device: torch.device | str | None = None) -> list[Tile]:
+    """Cut the ``h x w`` grid into ``tile x tile`` target blocks (once per resolution).
+
+    With a neighbourhood each block is compared only with the sources within reach: about half the multiply-adds
+    of the dense product at DAVIS's 30x52 patches. Without one (``size <= 0``) there is a single block.
     """
-    w = features.shape[2]
+    flat = torch.arange(h * w, device=device).view(h, w)
     if size <= 0:
-        return [(0, w, 0, features)]
-    return [(a, b, lo, features[:, :, lo:hi].contiguous()) for a, b, lo, hi in _spans(w, tile, size)]
+        return [Tile((0, h), (0, w), (0, h), (0, w), flat.flatten(), flat.flatten(), None)]
+    plan = []
+    for i0, i1, r0, r1 in _spans(h, tile, size):
+        for j0, j1, c0, c1 in _spans(w, tile, size):
+            targets, window = flat[i0:i1, j0:j1].flatten(), flat[r0:r1, c0:c1].flatten()
+            reach = near(targets, window, w, size)
+            bias = torch.zeros(reach.shape, device=device).masked_fill_(~reach, float("-inf"))
+            plan.append(Tile((i0, i1), (j0, j1), (r0, r1), (c0, c1), targets, window, bias))
+    return plan
+
+
+def column_bands(features: torch.Tensor, plan: list[Tile]) -> dict[tuple[int, int], torch.Tensor]:
+    """``features[:, :, c0:c1]`` made contiguous once per video, for every column window of the plan.
+
+    Within a band every row window of a frame is one contiguous block, so the products need no copies.
+    """
+    return {t.src_cols: features[:, :, t.src_cols[0]:t.src_cols[1]].contiguous() for t in plan}
 
 
 def _frames(band: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -61,44 +91,37 @@ def _frames(band: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return band.index_select(0, frames)
 
 
-def top_affinities(bands: list[tuple[int, int, int, torch.Tensor]], targets: list[int], n_last_frames: int,
-                   size: int, topk: int, temperature: float, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_affinities(bands: dict[tuple[int, int], torch.Tensor], plan: list[Tile], targets: list[int],
+                   n_last_frames: int, topk: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For each target frame, its patches' ``topk`` context entries and their normalised weights.
 
     Args:
         bands: :func:`column_bands` of the ``[T, h, w, D]`` L2-normalised patch features.
+        plan: :func:`plan_tiles` of the grid.
         targets: frame indices, all with the same number of context frames.
-        size: neighbourhood half-width in patches (0: no restriction).
-        tile: targets are taken ``tile x tile`` patches at a time against only the sources within reach: about
-            half the multiply-adds of the dense product at DAVIS's 30x52 patches.
     Returns:
         ``weights [len(targets), h*w, k]`` (summing to 1 over the last axis) and ``index`` of the same shape into
         the flattened ``[n_context * h * w]`` context patches of each target.
     """
-    _, h, _, _ = bands[0][3].shape
-    w = bands[-1][1]
-    n, device = h * w, bands[0][3].device
+    n = sum(len(t.targets) for t in plan)
+    device = plan[0].targets.device
     ctx = torch.tensor([context_frames(t, n_last_frames) for t in targets], device=device)
     n_ctx = ctx.shape[1]
-    k = min(topk, n_ctx * n)
+    k = min(topk, n_ctx * min(len(t.window) for t in plan))
     weights = torch.empty(len(targets), n, k, device=device)
     index = torch.empty(len(targets), n, k, dtype=torch.long, device=device)
-    flat = torch.arange(n, device=device).view(h, w)
-    row_spans = list(_spans(h, tile, size)) if size > 0 else [(0, h, 0, h)]
-    for j0, j1, c0, band in bands:
-        c1 = c0 + band.shape[2]
-        for i0, i1, r0, r1 in row_spans:
-            q = band[targets, i0:i1, j0 - c0:j1 - c0].flatten(1, 2)  # [B, tn, D]
-            sim = torch.stack([torch.bmm(q, _frames(band, ctx[:, c])[:, r0:r1].flatten(1, 2).transpose(1, 2))
-                               for c in range(n_ctx)], dim=2)  # [B, tn, n_ctx, wn]
-            targets_here, window = flat[i0:i1, j0:j1].flatten(), flat[r0:r1, c0:c1].flatten()
-            if size > 0:
-                reach = near(targets_here, window, w, size)
-                sim += torch.zeros(reach.shape, device=device).masked_fill_(~reach, float("-inf"))[:, None]
-            values, local = sim.flatten(2).topk(min(k, sim[0, 0].numel()), dim=-1)  # over all context frames
-            # exp(v / T) normalised over the kept entries is a softmax over them
-            weights[:, targets_here] = torch.softmax(values / temperature, dim=-1)
-            index[:, targets_here] = (local // window.numel()) * n + window[local % window.numel()]
+    for tile in plan:
+        band, c0 = bands[tile.src_cols], tile.src_cols[0]
+        (i0, i1), (j0, j1), (r0, r1) = tile.rows, tile.cols, tile.src_rows
+        q = band[targets, i0:i1, j0 - c0:j1 - c0].flatten(1, 2)  # [B, tn, D]
+        sim = torch.stack([torch.bmm(q, _frames(band, ctx[:, c])[:, r0:r1].flatten(1, 2).transpose(1, 2))
+                           for c in range(n_ctx)], dim=2)  # [B, tn, n_ctx, wn]
+        if tile.bias is not None:
+            sim += tile.bias[:, None]
+        values, local = sim.flatten(2).topk(k, dim=-1)  # jointly over all context frames
+        # exp(v / T) normalised over the kept entries is a softmax over them (entries out of reach get 0)
+        weights[:, tile.targets] = torch.softmax(values / temperature, dim=-1)
+        index[:, tile.targets] = (local // len(tile.window)) * n + tile.window[local % len(tile.window)]
     return weights, index
 
 
@@ -124,8 +147,8 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_
     c = first_labels.shape[0]
     n = h * w
     feats = F.normalize(features.float(), dim=-1)
-    tile = tile or max(8, size_mask_neighborhood)
-    bands = column_bands(feats, size_mask_neighborhood, tile)
+    plan = plan_tiles(h, w, size_mask_neighborhood, tile or max(8, size_mask_neighborhood), feats.device)
+    bands = column_bands(feats, plan)
     labels = torch.zeros(t_len, c, n, device=feats.device)
     labels[0] = first_labels.reshape(c, n).to(feats.device, torch.float32)
     t = 1
@@ -133,7 +156,7 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, n_last_
         # frames with the same context length batch together (all of them once t > n_last_frames)
         n_ctx = len(context_frames(t, n_last_frames))
         block = [s for s in range(t, min(t + chunk, t_len)) if len(context_frames(s, n_last_frames)) == n_ctx]
-        weights, index = top_affinities(bands, block, n_last_frames, size_mask_neighborhood, topk, temperature, tile)
+        weights, index = top_affinities(bands, plan, block, n_last_frames, topk, temperature)
         for b, s in enumerate(block):
             ctx_labels = labels[context_frames(s, n_last_frames)].transpose(0, 1).reshape(c, -1)  # [C, n_ctx*N]
             labels[s] = (ctx_labels[:, index[b]] * weights[b]).sum(-1)

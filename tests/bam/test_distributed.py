@@ -78,3 +78,18 @@ def test_two_process_gloo_equals_one_process(tmp_path):
 
 def test_two_process_gloo_equals_one_process_with_teacher(tmp_path):
     _run(tmp_path, teacher=True)
+
+
+def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
+    from bam.distributed import all_reduce_, gather_with_grad, init_distributed, mean_over_ranks
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_distributed() == DistInfo() and get_dist_info().is_main
+    t = torch.tensor([1.0, 2.0])
+    assert all_reduce_(t, "max") is t and t.tolist() == [1.0, 2.0]
+    assert gather_with_grad(t) == [t]
+    assert mean_over_ranks(3.5) == 3.5
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a single-task SLURM job needs no process group either
+    assert init_distributed() == DistInfo()
