@@ -1,0 +1,259 @@
+"""Set up a pretraining run from its arguments and run it epoch by epoch (checkpoints, resume, k-NN, results)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Subset
+
+from bam.backbones import ARCHS, build_backbone
+from bam.checkpoint import FORMAT_TAG, FORMAT_VERSION, epoch_path, latest_path, load_file, save_atomic
+from bam.distributed import get_dist_info, init_distributed, is_dist
+from bam.ema import make_teacher
+from bam.loss import BAMLoss
+from bam.projector import Projector
+from bam.schedules import cosine_schedule, linear_warmup_constant
+from eval.results import versions, write_results
+from pretrain.contrastive_crop import boxes_from_attention, cls_attention
+from pretrain.data import (
+    EpochSampler,
+    EvalImageFolder,
+    MultiCropAugmentation,
+    SeededAugmentedFolder,
+    check_image_folder,
+)
+from pretrain.engine import Schedules, train_one_epoch
+from pretrain.knn_monitor import _gather, fraction_subset, online_knn
+from pretrain.model import BAMModel, build_optimizer
+from pretrain.monitor import Monitor
+from transfer.samples import digits
+from transfer.samples.cache import default_cache_dir, ensure_generated
+
+logger = logging.getLogger("pretrain")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+    return device
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to --output-dir {out} ({e.strerror}); choose a writable folder") from None
+    return out
+
+
+def resolve_data(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None, bool]:
+    """(pretraining root, k-NN bank root, k-NN query root, is the built-in sample)."""
+    if args.data:
+        root = check_image_folder(args.data)
+        knn_train = check_image_folder(args.knn_train, "--knn-train") if args.knn_train else None
+        knn_val = check_image_folder(args.knn_val, "--knn-val") if args.knn_val else None
+        return root, knn_train, knn_val, False
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    sample = ensure_generated(cache / digits.sample_dirname(), digits.generate)
+    logger.info("no --data: pretraining on the built-in sample %s (scikit-learn digits, not ImageNet)", sample)
+    return sample / "train", Path(args.knn_train or sample / "train"), Path(args.knn_val or sample / "val"), True
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.arch not in ARCHS:
+        raise ValueError(f"--arch {args.arch} is unknown; known: {', '.join(sorted(ARCHS))}")
+    if args.batch_size_per_gpu < 2:
+        raise ValueError(f"--batch-size-per-gpu {args.batch_size_per_gpu} is too small: BAM compares every image "
+                         "with the other images of the batch; use at least 2")
+    if not 1 <= args.n_target_crops <= 2 + args.n_local:
+        raise ValueError(f"--n-target-crops {args.n_target_crops} must be between 1 and the {2 + args.n_local} crops")
+
+
+def make_schedules(args: argparse.Namespace, steps: int, global_batch: int) -> Schedules:
+    peak = args.lr * global_batch / 256
+    return Schedules(
+        lr=cosine_schedule(peak, peak * args.min_lr_scale, args.epochs, steps, args.warmup_epochs),
+        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps),
+        momentum=cosine_schedule(args.teacher_momentum, 1.0, args.epochs, steps),
+        reg=linear_warmup_constant(args.reg if args.reg_start is None else args.reg_start, args.reg, args.epochs,
+                                   steps, args.reg_warmup_epochs))
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), np_state[2], np_state[3], np_state[4]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def update_boxes(backbone, root: Path, size: int, threshold: float, device, batch_size: int, workers: int
+                 ) -> torch.Tensor:
+    """ContrastiveCrop boxes of every training image, sharded over ranks, in dataset order."""
+    info = get_dist_info()
+    dataset = EvalImageFolder(root, size)
+    order = torch.arange(info.rank, len(dataset), info.world_size)
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=workers)
+    boxes = [boxes_from_attention(cls_attention(backbone, x.to(device)), (size, size), threshold) for x, _ in loader]
+    boxes = _gather(torch.cat(boxes).to(device)).cpu()
+    index = _gather(order.to(device)).cpu()
+    out = torch.empty(len(dataset), 4)
+    out[index] = boxes
+    return out
+
+
+def train(args: argparse.Namespace) -> dict:
+    start = time.time()
+    validate(args)
+    info = init_distributed(args.device)
+    device = resolve_device(args.device, info.local_rank)
+    out = prepare_output_dir(args.output_dir)
+    root, knn_train_root, knn_val_root, is_sample = resolve_data(args)
+    if info.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed + info.rank)
+    random.seed(args.seed + info.rank)
+    np.random.seed(args.seed + info.rank)
+
+    backbone = build_backbone(args.arch, drop_path_rate=args.drop_path_rate, **args.arch_kwargs)
+    if args.grad_checkpointing:
+        backbone.model.set_grad_checkpointing(True)
+    projector = Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_out_dim, args.proj_layers,
+                          args.proj_norm, args.proj_act, args.proj_last_norm)
+    student = BAMModel(backbone, projector).to(device)
+    if is_dist() and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    teacher = make_teacher(student) if args.teacher else None
+    model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                      else None) if is_dist() else student
+    if args.compile:
+        model = torch.compile(model)
+    if args.ccrop_alpha and not backbone.is_vit:
+        raise ValueError(f"ContrastiveCrop (--ccrop-alpha) needs a ViT's attention; {args.arch} has none")
+
+    augment = MultiCropAugmentation(args.global_size, args.local_size, args.global_scale, args.local_scale,
+                                    args.n_local, args.ccrop_alpha)
+    dataset = SeededAugmentedFolder(root, augment, args.seed)
+    # shared memory: the DataLoader's persistent workers see box updates made here
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(len(dataset), 1).share_memory_()
+    dataset.boxes = boxes if args.ccrop_alpha else None
+    global_batch = args.batch_size_per_gpu * info.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(f"--data {root} has {len(dataset)} images, fewer than one global batch of {global_batch}; "
+                         "lower --batch-size-per-gpu")
+    sampler = EpochSampler(dataset, info.rank, info.world_size, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
+    steps = len(loader)
+    schedules = make_schedules(args, steps, global_batch)
+    optimizer = build_optimizer(args.optimizer, student)
+    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
+    if amp_dtype == torch.float16 and device.type != "cuda":
+        logger.warning("--amp fp16 needs CUDA; training in float32 on %s (use --amp bf16 for CPU autocast)", device)
+        amp_dtype = None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = BAMLoss(2 + args.n_local, 2, args.n_target_crops, args.reg, args.temperature, args.sinkhorn_iters,
+                      args.top_k, args.positive_masking)
+    monitor = Monitor(out, info.is_main, args.tensorboard, args.wandb, vars(args))
+
+    knn_sets = None
+    if knn_train_root and knn_val_root:
+        knn_sets = (fraction_subset(EvalImageFolder(knn_train_root, args.global_size), args.knn_train_fraction,
+                                    args.seed), EvalImageFolder(knn_val_root, args.global_size))
+
+    def knn(tag: str) -> float | None:
+        if knn_sets is None:
+            return None
+        eval_backbone = (teacher or student).backbone
+        res = online_knn(eval_backbone, *knn_sets, device, args.batch_size_per_gpu, args.num_workers)
+        logger.info("k-NN (k=20, T=0.07) %s: top-1 %.2f%%, top-5 %.2f%%", tag, res["top1"], res["top5"])
+        return res["top1"]
+
+    start_epoch, history = 0, {}
+    latest = latest_path(out)
+    if latest.is_file():
+        ckpt = load_file(latest)
+        student.load_state_dict(ckpt["model"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        boxes.copy_(ckpt["boxes"])
+        set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        start_epoch, history = ckpt["epoch"], dict(ckpt.get("knn", {}))
+        logger.info("resuming from %s: %d of %d epochs done", latest, start_epoch, args.epochs)
+    elif knn_sets is not None:
+        history["before"] = knn("before training (random init)")
+
+    stop = min(args.epochs, start_epoch + args.stop_after_epochs) if args.stop_after_epochs else args.epochs
+    for epoch in range(start_epoch, stop):
+        sampler.set_epoch(epoch)
+        warm = int(args.warmup_epochs)
+        if args.ccrop_alpha and epoch >= warm and (epoch - warm) % args.loc_interval == 0:
+            boxes.copy_(update_boxes((teacher or student).backbone, root, args.global_size, args.box_thresh, device,
+                                     args.batch_size_per_gpu, args.num_workers))
+        stats = train_one_epoch(model, teacher, loss_fn, loader, optimizer, scaler, schedules, epoch, device,
+                                amp_dtype, args.clip_grad, monitor, args.log_freq, info.is_main,
+                                str(latest) if latest.is_file() else "none yet")
+        if args.knn_freq and (epoch + 1) % args.knn_freq == 0 and epoch + 1 < args.epochs:
+            history[f"epoch{epoch + 1}"] = knn(f"after epoch {epoch + 1}")
+        state = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION, "arch": args.arch,
+                 "arch_kwargs": dict(args.arch_kwargs), "backbone": student.backbone.model.state_dict(),
+                 "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch + 1, "step": (epoch + 1) * steps, "config": vars(args), "boxes": boxes.clone(),
+                 "rng": rng_state(), "knn": history}
+        if teacher is not None:
+            state.update(teacher=teacher.state_dict(), teacher_backbone=teacher.backbone.model.state_dict())
+        if is_dist():
+            gathered = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, state["rng"])
+            state["rng"] = gathered
+        if info.is_main:
+            save_atomic(state, latest)
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save_atomic(state, epoch_path(out, epoch + 1))
+        monitor.log((epoch + 1) * steps, {"epoch": epoch + 1, **stats}, kind="epoch")
+        logger.info("epoch %d/%d: loss %.4f, %.1f images/s", epoch + 1, args.epochs, stats["loss"],
+                    stats["images_per_s"])
+
+    if stop < args.epochs:
+        logger.info("stopping after epoch %d of %d as asked; run the same command again to continue", stop, args.epochs)
+        monitor.close()
+        return {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs_done": stop}
+    if knn_sets is not None and "after" not in history:
+        history["after"] = knn("after training")
+    monitor.close()
+    results = {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs": args.epochs,
+               "knn_top1_before": history.get("before"), "knn_top1_after": history.get("after"), "knn": history,
+               "data": {"root": str(root.resolve()), "builtin_sample": is_sample}, "config": vars(args),
+               "versions": versions(), "seconds": round(time.time() - start, 1)}
+    if is_sample:
+        results["note"] = "built-in sample (scikit-learn digits): shows that training learns; not ImageNet"
+    if info.is_main:
+        write_results(out, results)
+        logger.info("wrote %s; final checkpoint %s", out / "results.json", latest)
+    return results

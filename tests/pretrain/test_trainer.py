@@ -1,0 +1,114 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bam.checkpoint import load_file
+from bam.formats import load_backbone
+from pretrain.main import main, parse_args
+from pretrain.trainer import make_schedules
+
+from .conftest import tiny_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _weights(out):
+    ckpt = load_file(Path(out) / "checkpoint.pth")
+    return ckpt["model"], ckpt.get("teacher"), ckpt
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert main(tiny_args(tiny_folder, out)) == 0
+    return out
+
+
+def test_a_run_writes_checkpoint_config_logs_and_results(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert results["task"] == "pretrain" and results["epochs"] == 3
+    assert isinstance(results["knn_top1_before"], float) and isinstance(results["knn_top1_after"], float)
+    assert Path(results["checkpoint"]) == uninterrupted / "checkpoint.pth"
+    assert (uninterrupted / "config.yaml").is_file()
+    records = [json.loads(line) for line in (uninterrupted / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"loss", "lr", "weight_decay", "reg", "teacher_momentum", "images_per_s", "data_time"} <= set(train[0])
+    assert len([r for r in records if r["kind"] == "epoch"]) == 3
+    # the checkpoint is evaluable as it is: load_backbone picks the teacher's backbone
+    ckpt = load_file(uninterrupted / "checkpoint.pth")
+    backbone = load_backbone(uninterrupted / "checkpoint.pth")
+    assert backbone.checkpoint_format == "bam"
+    _assert_same(backbone.model.state_dict(), ckpt["teacher_backbone"])
+
+
+def test_training_moves_the_student_and_the_teacher(tiny_folder, tmp_path):
+    out = tmp_path / "one"
+    assert main(tiny_args(tiny_folder, out, epochs=1)) == 0  # 4 steps
+    start = tmp_path / "zero"
+    assert main(tiny_args(tiny_folder, start, epochs=1, lr=0.0)) == 0  # same init, no learning
+    moved, teacher, _ = _weights(out)
+    still, teacher0, _ = _weights(start)
+    w = "backbone.model.blocks.0.mlp.fc1.weight"
+    assert not torch.equal(moved[w], still[w])
+    assert not torch.equal(teacher[w], teacher0[w]) and not torch.equal(teacher[w], moved[w])
+
+
+def test_schedules_at_known_steps(tiny_folder, tmp_path):
+    args = parse_args(tiny_args(tiny_folder, tmp_path, lr=0.002, epochs=10, warmup_epochs=2, reg=0.05,
+                                reg_start=0.1, reg_warmup_epochs=4, teacher_momentum=0.996))
+    s = make_schedules(args, steps=5, global_batch=128)
+    peak = 0.002 * 128 / 256
+    final = peak * 1e-3
+    # 10 warm-up steps to the peak, then 40 cosine steps towards final: the last is step 39 of the cosine
+    assert s.lr[0] == 0 and s.lr[5] == pytest.approx(peak / 2) and s.lr[10] == pytest.approx(peak)
+    assert s.lr[-1] == pytest.approx(final + (peak - final) * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    assert s.wd[0] == pytest.approx(0.04) and s.wd[-1] == pytest.approx(0.4, rel=1e-3)
+    assert s.momentum[0] == pytest.approx(0.996)
+    assert s.momentum[-1] == pytest.approx(1 - 0.004 * 0.5 * (1 + math.cos(math.pi * 49 / 50)))
+    assert s.reg[0] == pytest.approx(0.1) and s.reg[19] == pytest.approx(0.05) and s.reg[-1] == 0.05
+
+
+def test_resume_in_process_equals_an_uninterrupted_run(tiny_folder, tmp_path, uninterrupted):
+    out = tmp_path / "resumed"
+    assert main(tiny_args(tiny_folder, out, stop_after_epochs=1)) == 0
+    assert load_file(out / "checkpoint.pth")["epoch"] == 1 and not (out / "results.json").exists()
+    assert main(tiny_args(tiny_folder, out)) == 0  # finds the checkpoint, goes on from epoch 1
+    a, ta, ca = _weights(uninterrupted)
+    b, tb, cb = _weights(out)
+    _assert_same(a, b)
+    _assert_same(ta, tb)
+    assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_folder, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    argv = [sys.executable, str(REPO / "pretrain" / "main.py"), *tiny_args(tiny_folder, out, num_workers=1,
+                                                                            epochs=3)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill it during epoch 2, once epoch 1's checkpoint is on disk
+            log = out / "log.jsonl"
+            if log.is_file() and any('"kind": "train"' in line and '"epoch": 1' in line
+                                     for line in log.read_text().splitlines()):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert load_file(out / "checkpoint.pth")["epoch"] == 1  # the last good checkpoint is intact
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    _assert_same(_weights(uninterrupted)[0], _weights(out)[0])

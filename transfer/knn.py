@@ -1,0 +1,37 @@
+"""Weighted k-nearest-neighbour classification on frozen features (DINO's protocol)."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                 chunk: int = 256) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of DINO's temperature-weighted k-NN vote.
+
+    Args:
+        train_features: ``[N, D]`` L2-normalised features of the labelled bank.
+        train_labels: ``[N]`` integer labels.
+        test_features: ``[M, D]`` L2-normalised query features (any M >= 1).
+        test_labels: ``[M]``.
+        k: neighbours per query (clamped to N); each votes ``exp(cosine / temperature)`` for its label.
+        num_classes: default ``max label + 1``.
+        chunk: queries per block, bounding memory to ``chunk x N`` similarities.
+    """
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("k-NN needs at least one training and one test feature")
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
+    k = min(k, train_features.shape[0])
+    top1 = top5 = 0.0
+    for start in range(0, test_features.shape[0], chunk):
+        feats, labels = test_features[start:start + chunk], test_labels[start:start + chunk]
+        sim, idx = (feats @ train_features.t()).topk(k, dim=1)
+        votes = torch.zeros(feats.shape[0], num_classes, device=feats.device, dtype=sim.dtype)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        ranked = votes.argsort(dim=1, descending=True)
+        hits = ranked == labels[:, None]
+        top1 += hits[:, :1].sum().item()
+        top5 += hits[:, :min(5, num_classes)].sum().item()
+    n = test_features.shape[0]
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
