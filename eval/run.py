@@ -52,8 +52,9 @@ class FrontDoorParser(argparse.ArgumentParser):
 
 
 def get_args_parser(task: str | None) -> argparse.ArgumentParser:
+    tasks = "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS)
     parser = FrontDoorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog="tasks: " + "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS))
+                             allow_abbrev=False, epilog=f"tasks: {tasks}")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream protocol to run")
     parser.add_argument("--checkpoint", default=None,
                         help="any checkpoint load_backbone reads (ours, official BAM, DINO, MoCo v3, MAE, iBOT, "
@@ -102,7 +103,7 @@ def make_backbone_loader(args: argparse.Namespace, info: dict):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task")
     known, _ = pre.parse_known_args(argv)
     task = known.task if known.task in TASKS else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler,
     world = get_dist_info().world_size
     totals = {"loss": 0.0, "data_time": 0.0, "images_per_s": 0.0}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=False)
+    # in a log file (SLURM), a bar line every 30 s instead of every step
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=False,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     end = time.perf_counter()
     for it, (crops, _, _) in enumerate(loader):
         step = epoch * steps + it

@@ -74,18 +74,18 @@ def config_keys(parser: argparse.ArgumentParser) -> set[str]:
 
 def get_args_parser() -> _Parser:
     """Defaults are the built-in sample run; the YAML recipes hold the paper's values."""
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of defaults (pretrain/configs/*.yaml)")
     p.add("data", default=None, help="ImageFolder root to pretrain on (labels unused); default: the built-in sample")
     p.add("output_dir", default="outputs/pretrain", help="checkpoints, logs, config.yaml, results.json")
     p.add("cache_dir", default=None, help="where built-in samples are generated (default $BAM_CACHE or ~/.cache/bam)")
     # model
     p.add("arch", default="vit_small_patch16_224", help=f"backbone; known: {', '.join(sorted(ARCHS))}")
-    p.add("arch_kwargs", type=json_dict, default={"depth": 4, "embed_dim": 192, "num_heads": 3, "patch_size": 4,
+    p.add("arch_kwargs", type=json_dict, default={"depth": 2, "embed_dim": 96, "num_heads": 3, "patch_size": 4,
                                                   "img_size": 32}, help="timm keyword arguments, as JSON")
     p.add("drop_path_rate", type=float, default=0.0, help="stochastic depth of the backbone")
-    p.add("proj_hidden_dim", type=int, default=512, help="projector hidden width (official: 4096)")
-    p.add("proj_out_dim", type=int, default=256, help="projector output width (official: 4096)")
+    p.add("proj_hidden_dim", type=int, default=256, help="projector hidden width (official: 4096)")
+    p.add("proj_out_dim", type=int, default=128, help="projector output width (official: 4096)")
     p.add("proj_layers", type=int, default=3, help="projector linear layers (official: 3)")
     p.add("proj_norm", default="none", choices=["none", "bn", "ln"], help="norm between projector layers")
     p.add("proj_act", default="gelu", choices=["gelu", "relu"])
@@ -104,22 +104,22 @@ def get_args_parser() -> _Parser:
     p.add("positive_masking", type=bool_flag, default=True)
     p.add("n_target_crops", type=int, default=2, help="crops whose views are the attention targets")
     # data
-    p.add("batch_size_per_gpu", type=int, default=128, help="images per process per step")
+    p.add("batch_size_per_gpu", type=int, default=64, help="images per process per step")
     p.add("global_size", type=int, default=32, help="global crop size (official: 224)")
     p.add("local_size", type=int, default=16, help="local crop size (official: 96)")
     p.add("global_scale", type=float, nargs=2, default=[0.25, 1.0])
     p.add("local_scale", type=float, nargs=2, default=[0.05, 0.25])
-    p.add("n_local", type=int, default=4, help="local crops per image (official: 6)")
+    p.add("n_local", type=int, default=2, help="local crops per image (official: 6)")
     p.add("ccrop_alpha", type=optional_float, default=None, help="ContrastiveCrop Beta(a, a) placement; none: off")
     p.add("loc_interval", type=int, default=20, help="epochs between ContrastiveCrop box updates (after warm-up)")
     p.add("box_thresh", type=float, default=0.1, help="attention threshold of ContrastiveCrop boxes")
     p.add("num_workers", type=int, default=2, help="DataLoader workers per process")
     # optimisation
     p.add("optimizer", default="adamw", choices=["adamw", "sgd", "lars"])
-    p.add("lr", type=float, default=1e-3, help="peak learning rate per 256 images (scaled by the global batch)")
+    p.add("lr", type=float, default=3e-4, help="peak learning rate per 256 images (scaled by the global batch)")
     p.add("min_lr_scale", type=float, default=1e-3, help="final lr = min_lr_scale x peak lr")
     p.add("warmup_epochs", type=float, default=2)
-    p.add("epochs", type=int, default=30)
+    p.add("epochs", type=int, default=16)
     p.add("weight_decay", type=float, default=0.04)
     p.add("weight_decay_end", type=float, default=0.4)
     p.add("clip_grad", type=float, default=3.0, help="max gradient norm (0: off)")
@@ -144,7 +144,7 @@ def get_args_parser() -> _Parser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:

@@ -32,7 +32,7 @@ from pretrain.engine import Schedules, train_one_epoch
 from pretrain.knn_monitor import _gather, fraction_subset, online_knn
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
-from transfer.samples import digits
+from transfer.samples import photos
 from transfer.samples.cache import default_cache_dir, ensure_generated
 
 logger = logging.getLogger("pretrain")
@@ -67,8 +67,9 @@ def resolve_data(args: argparse.Namespace) -> tuple[Path, Path | None, Path | No
         knn_val = check_image_folder(args.knn_val, "--knn-val") if args.knn_val else None
         return root, knn_train, knn_val, False
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    sample = ensure_generated(cache / digits.sample_dirname(), digits.generate)
-    logger.info("no --data: pretraining on the built-in sample %s (scikit-learn digits, not ImageNet)", sample)
+    sample = ensure_generated(cache / photos.sample_dirname(), photos.generate)
+    logger.info("no --data: pretraining on the built-in sample %s (crops of scikit-image photographs, not ImageNet)",
+                sample)
     return sample / "train", Path(args.knn_train or sample / "train"), Path(args.knn_val or sample / "val"), True
 
 
@@ -252,7 +253,8 @@ def train(args: argparse.Namespace) -> dict:
                "data": {"root": str(root.resolve()), "builtin_sample": is_sample}, "config": vars(args),
                "versions": versions(), "seconds": round(time.time() - start, 1)}
     if is_sample:
-        results["note"] = "built-in sample (scikit-learn digits): shows that training learns; not ImageNet"
+        results["note"] = ("built-in sample (crops of scikit-image photographs): shows that training learns; "
+                           "not ImageNet")
     if info.is_main:
         write_results(out, results)
         logger.info("wrote %s; final checkpoint %s", out / "results.json", latest)

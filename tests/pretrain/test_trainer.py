@@ -54,6 +54,16 @@ def test_a_run_writes_checkpoint_config_logs_and_results(uninterrupted):
     _assert_same(backbone.model.state_dict(), ckpt["teacher_backbone"])
 
 
+def test_contrastive_crop_boxes_are_computed_saved_and_tensorboard_written(tiny_folder, tmp_path):
+    out = tmp_path / "ccrop"
+    assert main(tiny_args(tiny_folder, out, ccrop_alpha=0.6, loc_interval=1, warmup_epochs=1, epochs=2,
+                          tensorboard="true", box_thresh=0.5)) == 0
+    boxes = load_file(out / "checkpoint.pth")["boxes"]
+    assert boxes.shape == (32, 4) and ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    assert not torch.equal(boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(32, 1))  # attention moved them
+    assert any((out / "tensorboard").iterdir())
+
+
 def test_training_moves_the_student_and_the_teacher(tiny_folder, tmp_path):
     out = tmp_path / "one"
     assert main(tiny_args(tiny_folder, out, epochs=1)) == 0  # 4 steps
