@@ -53,6 +53,15 @@ def bam_loss(z: torch.Tensor, z_teacher: torch.Tensor | None = None, *, n_crops:
     Returns:
         scalar loss (float32, or float64 for float64 inputs).
     """
+    # Under autocast the products below would run in half precision, where the masked entries (the float32 minimum)
+    # overflow to -inf and 0 * -inf poisons the sum: the loss always runs in float32 (float64 for float64 inputs).
+    with torch.autocast(z.device.type, enabled=False):
+        return _bam_loss(z, z_teacher, n_crops, n_large_crops, n_target_crops, reg, temperature, sinkhorn_iters,
+                         top_k, positive_masking, rank, gather_fn, reduce_fn)
+
+
+def _bam_loss(z, z_teacher, n_crops, n_large_crops, n_target_crops, reg, temperature, sinkhorn_iters, top_k,
+              positive_masking, rank, gather_fn, reduce_fn) -> torch.Tensor:
     n_target_crops = n_large_crops if n_target_crops is None else n_target_crops
     if z.ndim != 2 or z.shape[0] % n_crops:
         raise ValueError(f"z must be [n_crops*B, D] with n_crops={n_crops}; got shape {tuple(z.shape)}")

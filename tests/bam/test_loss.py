@@ -136,3 +136,11 @@ def test_bad_shapes_fail_clearly():
         bam_loss(torch.randn(10, 3), n_crops=4)
     with pytest.raises(ValueError, match="z_teacher"):
         bam_loss(torch.randn(8, 3), torch.randn(4, 3), n_crops=4)
+
+
+def test_autocast_does_not_lower_the_loss_precision():
+    z = _z(4, 3).float()
+    plain = BAMLoss(4)(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = BAMLoss(4)(z)
+    assert inside.dtype == torch.float32 and torch.isfinite(inside) and inside.item() == plain.item()

@@ -76,6 +76,14 @@ def test_training_moves_the_student_and_the_teacher(tiny_folder, tmp_path):
     assert not torch.equal(teacher[w], teacher0[w]) and not torch.equal(teacher[w], moved[w])
 
 
+def test_bf16_autocast_and_gradient_checkpointing_run_on_cpu(tiny_folder, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(tiny_args(tiny_folder, out, epochs=1, amp="bf16", grad_checkpointing="true", optimizer="lars")) == 0
+    model, _, ckpt = _weights(out)
+    assert all(v.dtype == torch.float32 for v in model.values())  # autocast leaves the weights in float32
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["epoch"] == 1
+
+
 def test_schedules_at_known_steps(tiny_folder, tmp_path):
     args = parse_args(tiny_args(tiny_folder, tmp_path, lr=0.002, epochs=10, warmup_epochs=2, reg=0.05,
                                 reg_start=0.1, reg_warmup_epochs=4, teacher_momentum=0.996))
