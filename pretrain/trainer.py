@@ -129,6 +129,8 @@ def train(args: argparse.Namespace) -> dict:
     start = time.time()
     validate(args)
     info = init_distributed(args.device)
+    if not info.is_main:  # rank 0 talks; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
     device = resolve_device(args.device, info.local_rank)
     out = prepare_output_dir(args.output_dir)
     root, knn_train_root, knn_val_root, is_sample = resolve_data(args)
