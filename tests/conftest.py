@@ -18,3 +18,13 @@ def tiny_vit():
 @pytest.fixture(autouse=True)
 def _capture_info_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+def assert_one_line_error(main, argv, caplog, match):
+    """``main(argv)`` exits with 2 after logging exactly one one-line error that contains ``match``."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert match in errors[0], errors[0]

@@ -1,6 +1,5 @@
 """The front door on a tiny DAVIS-layout folder: results.json, official CSVs, --predictions, bad input."""
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from bam.formats import backbone_checkpoint
 from eval.results import sha256
 from eval.run import main
 
+from ..conftest import assert_one_line_error
 from .davis_fixtures import moving_ellipses, write_sequence
 
 FAST = ["--short-side", "64", "--long-multiple", "32", "--no-overlays"]
@@ -81,12 +81,7 @@ def test_random_init_baseline_is_labelled_and_resnets_use_their_last_feature_map
 
 
 def _fails(argv, caplog, match):
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(argv) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0], errors
-    assert match in errors[0], errors[0]
+    assert_one_line_error(main, argv, caplog, match)
 
 
 def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):

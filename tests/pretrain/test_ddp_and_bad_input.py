@@ -1,4 +1,3 @@
-import logging
 import os
 import socket
 from pathlib import Path
@@ -17,6 +16,7 @@ from pretrain.main import main
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
 
+from ..conftest import assert_one_line_error
 from .conftest import tiny_args
 
 W, B = 2, 4  # ranks, images per rank
@@ -73,12 +73,7 @@ def test_two_process_ddp_step_equals_one_process_step(tmp_path):
 
 
 def _fails(argv, caplog, match):
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(argv) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0], errors
-    assert match in errors[0], errors[0]
+    assert_one_line_error(main, argv, caplog, match)
 
 
 def test_bad_input_fails_with_one_line(tiny_folder, tmp_path, caplog):
