@@ -103,3 +103,17 @@ def gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
     if not is_dist() or dist.get_world_size() == 1:
         return [x]
     return list(_GatherWithGrad.apply(x))
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (ranks may hold different counts)."""
+    if not is_dist():
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

@@ -2,27 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from bam.backbones import Backbone
-from bam.distributed import get_dist_info, is_dist
+from bam.distributed import all_gather_rows, get_dist_info
 from transfer.knn import knn_classify
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (ranks may hold different counts)."""
-    if not is_dist():
-        return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
 
 @torch.no_grad()
@@ -35,7 +20,7 @@ def extract(backbone: Backbone, dataset, device: torch.device, batch_size: int, 
     for images, target in loader:
         feats.append(F.normalize(backbone(images.to(device)).float(), dim=-1))
         labels.append(target.to(device))
-    return _gather(torch.cat(feats)), _gather(torch.cat(labels))
+    return all_gather_rows(torch.cat(feats)), all_gather_rows(torch.cat(labels))
 
 
 def fraction_subset(dataset, fraction: float, seed: int):

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -157,12 +155,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{path}: unknown keys {unknown}; valid keys: {', '.join(sorted(config_keys(parser)))}")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def main(argv: list[str] | None = None) -> int:

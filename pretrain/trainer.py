@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from bam.backbones import ARCHS, build_backbone
 from bam.checkpoint import FORMAT_TAG, FORMAT_VERSION, epoch_path, latest_path, load_file, save_atomic
-from bam.distributed import get_dist_info, init_distributed, is_dist
+from bam.distributed import all_gather_rows, get_dist_info, init_distributed, is_dist
 from bam.ema import make_teacher
 from bam.loss import BAMLoss
 from bam.projector import Projector
@@ -29,7 +29,7 @@ from pretrain.data import (
     check_image_folder,
 )
 from pretrain.engine import Schedules, train_one_epoch
-from pretrain.knn_monitor import _gather, fraction_subset, online_knn
+from pretrain.knn_monitor import fraction_subset, online_knn
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
 from transfer.samples import photos
@@ -118,8 +118,8 @@ def update_boxes(backbone, root: Path, size: int, threshold: float, device, batc
     order = torch.arange(info.rank, len(dataset), info.world_size)
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=workers)
     boxes = [boxes_from_attention(cls_attention(backbone, x.to(device)), (size, size), threshold) for x, _ in loader]
-    boxes = _gather(torch.cat(boxes).to(device)).cpu()
-    index = _gather(order.to(device)).cpu()
+    boxes = all_gather_rows(torch.cat(boxes).to(device)).cpu()
+    index = all_gather_rows(order.to(device)).cpu()
     out = torch.empty(len(dataset), 4)
     out[index] = boxes
     return out
