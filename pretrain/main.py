@@ -96,7 +96,7 @@ def get_args_parser() -> _Parser:
     p.add("reg", type=float, default=0.05, help="Sinkhorn entropy regularisation (after warm-up)")
     p.add("reg_start", type=optional_float, default=None, help="reg at step 0, linear to --reg (default: --reg)")
     p.add("reg_warmup_epochs", type=float, default=0, help="epochs of the reg warm-up")
-    p.add("temperature", type=float, default=0.1, help="softmax temperature of the source attention")
+    p.add("temperature", type=float, default=0.2, help="softmax temperature of the source attention (official: 0.1)")
     p.add("sinkhorn_iters", type=int, default=3)
     p.add("top_k", type=int, default=64, help="keep the top-k entries of the balanced target (0: all)")
     p.add("positive_masking", type=bool_flag, default=True)

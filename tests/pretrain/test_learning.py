@@ -10,5 +10,5 @@ def test_default_run_learns_on_the_builtin_sample(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["builtin_sample"] is True and "not ImageNet" in res["note"]
     before, after = res["knn_top1_before"], res["knn_top1_after"]
-    # 400 validation crops (1 point = 4 images); measured on this machine type: 76.0 -> 79.0 (8 epochs: 77.25)
-    assert after >= before + 2.0, (before, after)
+    # 400 validation crops (1 point = 4 images); measured on this machine type: 76.0 -> 80.75
+    assert after >= before + 3.0, (before, after)

@@ -28,9 +28,14 @@ def ensure_generated(target: Path, generate: Callable[[Path], None]) -> Path:
         logger.info("generating the built-in sample into %s (once)", target)
         generate(tmp)
         (tmp / ".complete").touch()
-        if target.exists():  # an incomplete folder from an older, interrupted layout
+        if target.exists() and not (target / ".complete").is_file():  # left by an interrupted older run
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / ".complete").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process (a rank of the same job) finished first: use its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
