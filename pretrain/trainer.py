@@ -139,9 +139,7 @@ def train(args: argparse.Namespace) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed + info.rank)
-    random.seed(args.seed + info.rank)
-    np.random.seed(args.seed + info.rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (the teacher is copied before DDP syncs)
 
     backbone = build_backbone(args.arch, drop_path_rate=args.drop_path_rate, **args.arch_kwargs)
     if args.grad_checkpointing:
@@ -156,6 +154,9 @@ def train(args: argparse.Namespace) -> dict:
                                                       else None) if is_dist() else student
     if args.compile:
         model = torch.compile(model)
+    torch.manual_seed(args.seed + info.rank)  # from here on ranks draw different randomness (drop path)
+    random.seed(args.seed + info.rank)
+    np.random.seed(args.seed + info.rank)
     if args.ccrop_alpha and not backbone.is_vit:
         raise ValueError(f"ContrastiveCrop (--ccrop-alpha) needs a ViT's attention; {args.arch} has none")
 
