@@ -33,6 +33,7 @@ logger = logging.getLogger("eval.run")
 # task name -> module with HELP, add_arguments(group), builtin_sample(cache_dir), run(ctx, args)
 TASKS: dict[str, str] = {
     "davis": "transfer.davis_task",
+    "knn": "transfer.knn_task",
 }
 DEFAULT_ARCH = "vit_small_patch16_224"
 
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                "data": {"root": str(data_root.resolve()), "builtin_sample": is_sample},
                "config": vars(args), "versions": versions(), "seconds": round(time.time() - start, 2), **outcome}
     if is_sample:
-        results["note"] = "built-in sample generated from scikit-image data: shows the pipeline works; not DAVIS"
+        results["note"] = "built-in sample generated from installed packages' data: shows the pipeline works; " \
+                          "not the real data set"
     path = write_results(output_dir, results)
     label = "random-init " + (info["arch"] or "") if info["random_init"] else (info["checkpoint"] or "predictions")
     print(format_table(args.task, metrics, f"{label}{' (built-in sample)' if is_sample else ''}"))

@@ -1,0 +1,60 @@
+"""``eval/run.py --task knn`` on a tiny train/val ImageFolder, checked against knn_classify on the same features."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from bam.formats import backbone_checkpoint, load_backbone
+from eval.run import main
+from pretrain.data import EvalImageFolder
+from transfer.knn import knn_classify
+from transfer.knn_task import extract
+
+from ..conftest import assert_one_line_error
+
+
+@pytest.fixture
+def folders(tmp_path):
+    digits = load_digits()
+    for split, sl in (("train", slice(0, 12)), ("val", slice(12, 16))):
+        for label in range(3):
+            (tmp_path / split / str(label)).mkdir(parents=True)
+            for i in np.flatnonzero(digits.target == label)[sl]:
+                img = Image.fromarray((digits.images[i] * 15).astype(np.uint8)).resize((32, 32)).convert("RGB")
+                img.save(tmp_path / split / str(label) / f"{i}.png")
+    return tmp_path
+
+
+def test_knn_task_equals_knn_classify_on_the_same_features(folders, tmp_path, tiny_vit):
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(backbone_checkpoint(tiny_vit), ckpt)
+    out = tmp_path / "out"
+    argv = ["--task", "knn", "--data", str(folders), "--checkpoint", str(ckpt), "--output-dir", str(out),
+            "--image-size", "32", "--k", "5,20", "--num-workers", "0"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["metrics"]) == {"top1_k5", "top5_k5", "top1_k20", "top5_k20"}
+    assert res["num_train"] == 36 and res["num_val"] == 12 and res["checkpoint_format"] == "bam"
+    backbone = load_backbone(ckpt).eval()
+    tr = extract(backbone, EvalImageFolder(folders / "train", 32), torch.device("cpu"), 8, 0, "train")
+    va = extract(backbone, EvalImageFolder(folders / "val", 32), torch.device("cpu"), 8, 0, "val")
+    want = knn_classify(*tr, *va, k=5, temperature=0.07, num_classes=3)
+    assert res["metrics"]["top1_k5"] == pytest.approx(want["top1"]) and res["metrics"]["top5_k5"] == 100.0
+
+
+def test_knn_bad_input(folders, tmp_path, caplog):
+    base = ["--task", "knn", "--data", str(folders), "--output-dir", str(tmp_path / "o"), "--image-size", "32",
+            "--num-workers", "0"]
+    assert_one_line_error(main, [*base, "--k", "ten"], caplog, "--k 'ten' must be comma-separated integers")
+    (folders / "val" / "3").mkdir()
+    (folders / "val" / "0" / next(iter(sorted((folders / "val" / "0").iterdir()))).name).rename(
+        folders / "val" / "3" / "x.png")
+    assert_one_line_error(main, base, caplog, "hold different class folders")
+    for d in (folders / "val").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    assert_one_line_error(main, base, caplog, "has no class folders")
