@@ -42,23 +42,6 @@ def check_image_folder(root: str | Path, flag: str = "--data") -> Path:
     return root
 
 
-class IndexedImageFolder(ImageFolder):
-    """ImageFolder whose items are ``(transform(image, box), label, index)``; ``boxes`` are ContrastiveCrop's."""
-
-    def __init__(self, root: str | Path, transform=None, boxes: torch.Tensor | None = None):
-        super().__init__(str(root), loader=_open_rgb, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
-        self.multi_transform = transform
-        self.boxes = boxes
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = self.loader(path)
-        if self.multi_transform is not None:
-            box = tuple(self.boxes[index].tolist()) if self.boxes is not None else FULL_BOX
-            image = self.multi_transform(image, box)
-        return image, label, index
-
-
 def contrastive_crop_params(height: int, width: int, box: Sequence[float], scale: Sequence[float],
                             ratio: Sequence[float], beta: torch.distributions.Beta | None
                             ) -> tuple[int, int, int, int]:
@@ -164,15 +147,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.inner)
 
 
-class SeededAugmentedFolder(IndexedImageFolder):
-    """Items are ``(crops, label, index)`` for keys ``(epoch, index)``; augmentations seeded per image and epoch."""
+class SeededAugmentedFolder(ImageFolder):
+    """Items are ``(crops, label, index)`` for keys ``(epoch, index)``; augmentations seeded per image and epoch.
 
-    def __init__(self, root, transform, seed: int, boxes: torch.Tensor | None = None):
-        super().__init__(root, transform, boxes)
+    ``boxes`` (ContrastiveCrop's, ``[N, 4]``) may be a shared-memory tensor updated while workers run.
+    """
+
+    def __init__(self, root: str | Path, transform, seed: int, boxes: torch.Tensor | None = None):
+        super().__init__(str(root), loader=_open_rgb, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+        self.multi_transform = transform
         self.seed = seed
+        self.boxes = boxes
 
     def __getitem__(self, key):
         epoch, index = key
+        path, label = self.samples[index]
+        image = self.loader(path)
+        box = tuple(self.boxes[index].tolist()) if self.boxes is not None else FULL_BOX
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 10_000_019 + index) % (2 ** 63))
-            return super().__getitem__(index)
+            return self.multi_transform(image, box), label, index

@@ -2,25 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from bam.backbones import Backbone
-from bam.distributed import all_gather_rows, get_dist_info
 from transfer.knn import knn_classify
-
-
-@torch.no_grad()
-def extract(backbone: Backbone, dataset, device: torch.device, batch_size: int, num_workers: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    info = get_dist_info()
-    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    feats, labels = [], []
-    for images, target in loader:
-        feats.append(F.normalize(backbone(images.to(device)).float(), dim=-1))
-        labels.append(target.to(device))
-    return all_gather_rows(torch.cat(feats)), all_gather_rows(torch.cat(labels))
+from transfer.knn_task import extract
 
 
 def fraction_subset(dataset, fraction: float, seed: int):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from bam.backbones import Backbone
+from bam.distributed import all_gather_rows, get_dist_info
 from eval.context import TaskContext
 from pretrain.data import EvalImageFolder, check_image_folder
 from transfer.knn import knn_classify
@@ -34,15 +35,21 @@ def builtin_sample(cache_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def extract(backbone: Backbone, dataset, device: torch.device, batch_size: int, workers: int, desc: str
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised [CLS] features ``[N, D]`` and labels ``[N]`` of an ImageFolder."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+def extract(backbone: Backbone, dataset, device: torch.device, batch_size: int, workers: int,
+            desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised [CLS] features ``[N, D]`` and labels ``[N]`` of a labelled dataset.
+
+    Under a process group each rank extracts every world_size-th image and the rows are gathered (the order is
+    then rank-interleaved, the same for features and labels).
+    """
+    info = get_dist_info()
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.world_size > 1 else dataset
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
-    for images, target in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+    for images, target in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=desc is None):
         feats.append(F.normalize(backbone(images.to(device, non_blocking=True)).float(), dim=1))
         labels.append(target.to(device))
-    return torch.cat(feats), torch.cat(labels)
+    return all_gather_rows(torch.cat(feats)), all_gather_rows(torch.cat(labels))
 
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
