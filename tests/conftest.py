@@ -1,7 +1,10 @@
 import logging
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from bam import build_backbone
 
@@ -28,3 +31,17 @@ def assert_one_line_error(main, argv, caplog, match):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
     assert match in errors[0], errors[0]
+
+
+@pytest.fixture
+def digit_folders(tmp_path):
+    """A labelled ``train/`` + ``val/`` ImageFolder of scikit-learn digits 0-2 (12 + 4 per class, 32x32 RGB)."""
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for split, sl in (("train", slice(0, 12)), ("val", slice(12, 16))):
+        for label in range(3):
+            (root / split / str(label)).mkdir(parents=True)
+            for i in np.flatnonzero(digits.target == label)[sl]:
+                img = Image.fromarray((digits.images[i] * 15).astype(np.uint8)).resize((32, 32)).convert("RGB")
+                img.save(root / split / str(label) / f"{i}.png")
+    return root
