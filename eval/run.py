@@ -26,6 +26,7 @@ from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
 from eval.results import format_table, sha256, versions, write_results  # noqa: E402
+from transfer.features import FeatureCache  # noqa: E402
 from transfer.samples.cache import default_cache_dir  # noqa: E402
 
 logger = logging.getLogger("eval.run")
@@ -34,6 +35,9 @@ logger = logging.getLogger("eval.run")
 TASKS: dict[str, str] = {
     "davis": "transfer.davis_task",
     "knn": "transfer.knn_task",
+    "linear": "transfer.linear_task",
+    "finetune": "transfer.finetune_task",
+    "semisup": "transfer.semisup_task",
 }
 DEFAULT_ARCH = "vit_small_patch16_224"
 
@@ -54,8 +58,10 @@ class FrontDoorParser(argparse.ArgumentParser):
 
 def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     tasks = "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS)
+    # tasks share flag names with one meaning (--image-size, --epochs, ...); the all-tasks help lists each once
     parser = FrontDoorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             allow_abbrev=False, epilog=f"tasks: {tasks}")
+                             allow_abbrev=False, epilog=f"tasks: {tasks}",
+                             conflict_handler="error" if task else "resolve")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream protocol to run")
     parser.add_argument("--checkpoint", default=None,
                         help="any checkpoint load_backbone reads (ours, official BAM, DINO, MoCo v3, MAE, iBOT, "
@@ -71,6 +77,9 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="where built-in samples are generated "
                         "(default: $BAM_CACHE or ~/.cache/bam)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random-init baseline and any sampling")
+    parser.add_argument("--cache-features", action="store_true",
+                        help="frozen protocols (knn, linear, semisup logreg) keep their features in "
+                             "<cache-dir>/features, keyed by checkpoint sha256, arch, image list and transform")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     for name in [task] if task else TASKS:
         module = task_module(name)
@@ -96,7 +105,8 @@ def make_backbone_loader(args: argparse.Namespace, info: dict):
             backbone = build_backbone(args.arch or DEFAULT_ARCH)
             logger.warning("no --checkpoint: evaluating a RANDOMLY INITIALISED %s (a baseline, not a trained model)",
                            backbone.arch)
-            info.update(checkpoint=None, checkpoint_sha256=None, checkpoint_format=None, random_init=True)
+            info.update(checkpoint=None, checkpoint_sha256=None, checkpoint_format=None, random_init=True,
+                        seed=args.seed)
         info.update(arch=backbone.arch, arch_kwargs=backbone.arch_kwargs)
         return backbone
     return load
@@ -127,18 +137,20 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").unlink(missing_ok=True)  # a failed run must not leave old results looking new
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.data:
         data_root, is_sample = Path(args.data), False
         if not data_root.is_dir():
             raise FileNotFoundError(f"--data {data_root} is not a folder")
     else:
-        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         data_root, is_sample = module.builtin_sample(cache), True
         logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
     info: dict = {"checkpoint": None, "checkpoint_sha256": None, "checkpoint_format": None, "random_init": None,
                   "arch": None}
-    ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info))
+    ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info), info,
+                      FeatureCache(cache / "features" if args.cache_features else None))
     outcome = module.run(ctx, args)
+    info.pop("seed", None)
     metrics = outcome.pop("metrics")
     results = {"task": args.task, "metrics": metrics, **info,
                "data": {"root": str(data_root.resolve()), "builtin_sample": is_sample},
