@@ -1,0 +1,151 @@
+"""``eval/run.py --task linear | finetune | semisup`` (and the feature cache shared with ``--task knn``) on a tiny
+labelled ImageFolder, checked against the pieces they are built from."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from bam.formats import backbone_checkpoint, load_backbone
+from eval.run import main
+from pretrain.data import EvalImageFolder
+from transfer.features import extract
+
+from ..conftest import assert_one_line_error
+
+COMMON = ["--image-size", "32", "--num-workers", "0"]
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_vit):
+    path = tmp_path / "tiny.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    return path
+
+
+def _run(task, data, out, ckpt, *extra):
+    argv = ["--task", task, "--data", str(data), "--output-dir", str(out), "--checkpoint", str(ckpt), *COMMON, *extra]
+    assert main(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+LINEAR = ["--n-blocks", "1,2", "--lrs", "0.01,1", "--epochs", "5", "--batch-size", "16", "--holdout-fraction", "0.25",
+          "--extract-batch-size", "8"]
+
+
+def test_linear_task_reports_the_head_selected_on_held_out_images(digit_folders, tmp_path, ckpt):
+    res = _run("linear", digit_folders, tmp_path / "lin", ckpt, *LINEAR)
+    heads = res["heads"]
+    assert len(heads) == 8 and res["selected_on"] == "holdout"  # 2 lrs x {1, 2} blocks x avgpool off/on
+    assert {(h["lr"], h["n_blocks"], h["avgpool"]) for h in heads} == \
+        {(lr, n, p) for lr in (0.01, 1.0) for n in (1, 2) for p in (False, True)}
+    best_held = max(h["holdout_top1"] for h in heads)
+    chosen = next(h for h in heads if h["holdout_top1"] == best_held)
+    assert res["selected_head"] == chosen["name"] and res["metrics"]["top1"] == chosen["val_top1"]
+    assert res["metrics"]["top1_best_on_val"] == max(h["val_top1"] for h in heads)
+    assert res["num_train"] == 27 and res["num_holdout"] == 9 and res["num_val"] == 12
+    assert res["config"]["epochs"] == 5 and res["config"]["bn_head"] is False  # resolved values recorded
+    head = torch.load(tmp_path / "lin" / "linear_head.pth", weights_only=True)
+    assert head["spec"]["n_blocks"] == chosen["n_blocks"] and head["classes"] == ["0", "1", "2"]
+    assert head["state_dict"]["linear.weight"].shape == (3, 32 * (chosen["n_blocks"] + chosen["avgpool"]))
+    assert len((tmp_path / "lin" / "log.jsonl").read_text().splitlines()) == 5
+
+
+def test_feature_cache_is_shared_by_knn_and_linear_and_changes_nothing(digit_folders, tmp_path, ckpt, caplog):
+    cache = ["--cache-features", "--cache-dir", str(tmp_path / "cache")]
+    knn = _run("knn", digit_folders, tmp_path / "knn", ckpt, "--k", "5", *cache)
+    assert "features cached" in caplog.text
+    caplog.clear()
+    cached = _run("linear", digit_folders, tmp_path / "a", ckpt, *LINEAR, *cache)
+    assert caplog.text.count("features from the cache") == 2  # train and val: no re-extraction
+    fresh = _run("linear", digit_folders, tmp_path / "b", ckpt, *LINEAR)
+    assert cached["metrics"] == fresh["metrics"] and cached["heads"] == fresh["heads"]
+    again = _run("knn", digit_folders, tmp_path / "knn2", ckpt, "--k", "5")
+    assert knn["metrics"] == again["metrics"]
+    caplog.clear()
+    (digit_folders / "train" / "0" / sorted((digit_folders / "train" / "0").iterdir())[0].name).unlink()
+    _run("knn", digit_folders, tmp_path / "knn3", ckpt, "--k", "5", *cache)  # other images: a new key
+    assert caplog.text.count("features from the cache") == 1 and "features cached" in caplog.text
+
+
+def test_knn_faiss_backend_gives_the_same_numbers(digit_folders, tmp_path, ckpt):
+    pytest.importorskip("faiss", reason="faiss-cpu is in the test extra; install it to run this test")
+    a = _run("knn", digit_folders, tmp_path / "t", ckpt, "--k", "1,5,20")
+    b = _run("knn", digit_folders, tmp_path / "f", ckpt, "--k", "1,5,20", "--knn-backend", "faiss")
+    assert a["metrics"] == b["metrics"]
+
+
+def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, ckpt):
+    res = _run("finetune", digit_folders, tmp_path / "ft", ckpt, "--epochs", "2", "--batch-size", "12",
+               "--warmup-epochs", "1", "--preset", "vit_small")
+    assert set(res["metrics"]) == {"top1", "top5"} and len(res["history"]) == 2
+    assert res["config"]["layer_decay"] == 0.75 and res["config"]["mixup"] == 0.8  # preset, then the recipe
+    assert res["effective"] == {"batch_size": 12, "lr": pytest.approx(5e-4 * 12 / 256), "steps": 6}
+    state = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1 and state["model"]["head.weight"].shape == (3, 32)
+
+
+def _imagenet_names(root):
+    """Rename ``<split>/<c>/<i>.png`` to ``<split>/<c>/<c>_<i>.png``, the naming SimCLR split files rely on."""
+    for f in sorted(root.glob("*/*/*.png")):
+        f.rename(f.parent / f"{f.parent.name}_{f.name}")
+
+
+def test_semisup_logreg_equals_scikit_learn_on_the_same_features(digit_folders, tmp_path, ckpt):
+    _imagenet_names(digit_folders)
+    chosen = [sorted((digit_folders / "train" / c).iterdir())[i].name for c in "012" for i in (0, 3, 5)]
+    split = tmp_path / "25percent.txt"
+    split.write_text("\n".join(chosen) + "\n")
+    res = _run("semisup", digit_folders, tmp_path / "ss", ckpt, "--fractions", "0.25,0.5", "--split-file",
+               f"{split},{split}", "--logreg-c", "0.5")
+    part = res["subsets"][0]
+    assert part["source"].startswith("split file") and part["num_images"] == 9 and part["C_selected_by"] == "given"
+    backbone = load_backbone(ckpt).eval()
+    train_set = EvalImageFolder(digit_folders / "train", 32)
+    x, y = extract(backbone, train_set, torch.device("cpu"), 8, 0)
+    vx, vy = extract(backbone, EvalImageFolder(digit_folders / "val", 32), torch.device("cpu"), 8, 0)
+    keep = [i for i, (p, _) in enumerate(train_set.samples) if p.rsplit("/", 1)[-1] in set(chosen)]
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, random_state=0))
+    model.fit(x[keep].numpy(), y[keep].numpy())
+    want = 100.0 * np.mean(model.predict(vx.numpy()) == vy.numpy())
+    assert res["metrics"]["top1_25pct"] == pytest.approx(want)
+
+    res = _run("semisup", digit_folders, tmp_path / "ss2", ckpt, "--fractions", "0.5")
+    part = res["subsets"][0]
+    assert part["source"].startswith("class-balanced") and part["num_images"] == 18
+    assert part["C_selected_by"] == "3-fold stratified cross-validation" and "top1_50pct" in res["metrics"]
+
+
+def test_semisup_finetune_protocol(digit_folders, tmp_path, ckpt):
+    res = _run("semisup", digit_folders, tmp_path / "ssft", ckpt, "--protocol", "finetune", "--fractions", "0.5",
+               "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0")
+    assert res["subsets"][0]["num_images"] == 18 and len(res["subsets"][0]["history"]) == 1
+    assert (tmp_path / "ssft" / "50pct" / "checkpoint.pth").is_file()
+
+
+def test_classification_bad_input(digit_folders, tmp_path, ckpt, caplog):
+    base = ["--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), *COMMON]
+    lin = ["--task", "linear", *base, "--checkpoint", str(ckpt)]
+    assert_one_line_error(main, [*lin, "--n-blocks", "1,4"], caplog, "asked for the last 4 blocks but")
+    assert_one_line_error(main, [*lin, "--lrs", "fast"], caplog, "--lrs 'fast' must be a comma-separated list")
+    assert_one_line_error(main, [*lin, "--holdout-fraction", "1"], caplog, "--holdout-fraction 1.0 must be in [0, 1)")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    assert_one_line_error(main, ["--task", "linear", *base, "--checkpoint", str(junk)], caplog, str(junk))
+    if not torch.cuda.is_available():
+        assert_one_line_error(main, [*lin, "--device", "cuda"], caplog, "--device cuda was asked for but CUDA")
+    split = tmp_path / "s.txt"
+    split.write_text("0_999.png\n")
+    assert_one_line_error(main, ["--task", "semisup", *base, "--fractions", "0.1", "--split-file", str(split)],
+                          caplog, "names 1 images missing from the training folder, e.g. 0_999.png")
+    assert_one_line_error(main, ["--task", "semisup", *base, "--fractions", "0.1,0.2", "--split-file", str(split)],
+                          caplog, "names 1 files for 2 --fractions")
+    for f in (digit_folders / "val").glob("*/*"):
+        f.unlink()
+    for d in (digit_folders / "val").iterdir():
+        d.rmdir()
+    assert_one_line_error(main, ["--task", "finetune", *base], caplog, "has no class folders")
+    assert not (tmp_path / "o" / "results.json").exists()
