@@ -32,7 +32,7 @@ def _torch_search(train_features: torch.Tensor, test_features: torch.Tensor, k: 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 256, backend: str = "torch") -> dict[str, float]:
+                 chunk: int | None = None, backend: str = "torch") -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) of DINO's temperature-weighted k-NN vote.
 
     Args:
@@ -42,7 +42,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         test_labels: ``[M]``.
         k: neighbours per query (clamped to N); each votes ``exp(cosine / temperature)`` for its label.
         num_classes: default ``max label + 1``.
-        chunk: queries per block, bounding memory to ``chunk x N`` similarities.
+        chunk: queries per block. Default: torch keeps the ``chunk x N`` similarity block near 512 MB (float32),
+            between 64 and 4096 queries; faiss takes 4096 (it blocks its own search; small calls are slow).
         backend: ``"torch"`` (exact, blocked matmul + top-k) or ``"faiss"`` (exact ``IndexFlatIP``).
     """
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
@@ -51,6 +52,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError(f"unknown k-NN backend {backend!r}; use one of {', '.join(BACKENDS)}")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
     k = min(k, train_features.shape[0])
+    if chunk is None:
+        chunk = 4096 if backend == "faiss" else max(64, min(4096, 2**27 // train_features.shape[0]))
     search = _faiss_search if backend == "faiss" else _torch_search
     top1 = top5 = 0.0
     for start, sim, idx in search(train_features, test_features, k, chunk):

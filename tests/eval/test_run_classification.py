@@ -149,3 +149,15 @@ def test_classification_bad_input(digit_folders, tmp_path, ckpt, caplog):
         d.rmdir()
     assert_one_line_error(main, ["--task", "finetune", *base], caplog, "has no class folders")
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_linear_official_bam_preset_trains_on_augmented_views(digit_folders, tmp_path, ckpt):
+    res = _run("linear", digit_folders, tmp_path / "bam", ckpt, "--preset", "bam_vitb", "--epochs", "2",
+               "--batch-size", "8", "--extract-batch-size", "8")
+    assert [h["name"] for h in res["heads"]] == ["lr=0.002 blocks=1 +avgpool"]
+    assert res["config"]["augment"] is True and res["config"]["bn_head"] is True and res["config"]["epochs"] == 2
+    head = torch.load(tmp_path / "bam" / "linear_head.pth", weights_only=True)
+    assert set(head["state_dict"]) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+                                       "linear.weight", "linear.bias"}
+    assert res["num_train"] == 33  # 3 of 36 held out (10 %, one per class)
+    assert head["state_dict"]["bn.num_batches_tracked"] == 2 * (33 // 8)  # augmented batches, drop_last
