@@ -38,6 +38,7 @@ TASKS: dict[str, str] = {
     "linear": "transfer.linear_task",
     "finetune": "transfer.finetune_task",
     "semisup": "transfer.semisup_task",
+    "coco": "transfer.coco_task",
 }
 DEFAULT_ARCH = "vit_small_patch16_224"
 
@@ -60,7 +61,9 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     tasks = "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS)
     # tasks share flag names with one meaning (--image-size, --epochs, ...); the all-tasks help lists each once
     parser = FrontDoorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             allow_abbrev=False, epilog=f"tasks: {tasks}",
+                             allow_abbrev=False,
+                             epilog=f"tasks: {tasks}" + ("" if task else ". Tasks share some flag names; "
+                                                          "'--task NAME --help' lists one task's flags and defaults"),
                              conflict_handler="error" if task else "resolve")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream protocol to run")
     parser.add_argument("--checkpoint", default=None,

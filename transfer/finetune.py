@@ -56,35 +56,36 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name in _NO_DECAY_TOKENS
 
 
-def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups ``{"params", "names", "weight_decay", "lr_scale"}`` of a :class:`Classifier`.
+def layer_decay_groups(model: nn.Module, backbone: Backbone, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups ``{"params", "names", "weight_decay", "lr_scale"}`` for ``model``, which contains ``backbone``.
 
-    Frozen parameters (e.g. the fixed sin-cos positions of MoCo-v3-style ViTs) are left out.
+    The backbone's parameters get layer-wise scales; every other trainable parameter of ``model`` (heads, necks)
+    gets 1. Frozen parameters (e.g. the fixed sin-cos positions of MoCo-v3-style ViTs) are left out.
     """
-    backbone = model.backbone.model
-    head = [(f"{n}", p) for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    timm_model = backbone.model
+    in_backbone = {id(p) for p in timm_model.parameters()}
+    full_names = {id(p): n for n, p in model.named_parameters()}
     groups: dict[tuple[float, float], dict] = {}
 
-    def add(name: str, param: torch.Tensor, scale: float, no_decay: bool) -> None:
+    def add(param: torch.Tensor, scale: float, no_decay: bool) -> None:
         wd = 0.0 if no_decay else weight_decay
         group = groups.setdefault((scale, wd), {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale})
         group["params"].append(param)
-        group["names"].append(name)
+        group["names"].append(full_names[id(param)])
 
-    if model.backbone.is_vit:
-        depth = len(backbone.blocks)
-        for name, param in backbone.named_parameters():
+    if backbone.is_vit:
+        depth = len(timm_model.blocks)
+        for name, param in timm_model.named_parameters():
             if param.requires_grad:
-                add(f"backbone.model.{name}", param, layer_decay ** (depth + 1 - vit_layer_id(name, depth)),
-                    _no_decay(name, param))
+                add(param, layer_decay ** (depth + 1 - vit_layer_id(name, depth)), _no_decay(name, param))
     else:
-        names = {id(p): n for n, p in backbone.named_parameters()}
-        for g in param_groups_layer_decay(backbone, weight_decay=weight_decay, layer_decay=layer_decay):
+        for g in param_groups_layer_decay(timm_model, weight_decay=weight_decay, layer_decay=layer_decay):
             for param in g["params"]:
                 if param.requires_grad:
-                    add(f"backbone.model.{names[id(param)]}", param, g["lr_scale"], g["weight_decay"] == 0.0)
-    for name, param in head:
-        add(name, param, 1.0, _no_decay(name, param))
+                    add(param, g["lr_scale"], g["weight_decay"] == 0.0)
+    for name, param in model.named_parameters():
+        if id(param) not in in_backbone and param.requires_grad:
+            add(param, 1.0, _no_decay(name, param))
     return sorted(groups.values(), key=lambda g: (g["lr_scale"], g["weight_decay"]))
 
 

@@ -145,7 +145,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
         raise ValueError(f"--batch-size {batch} must be even with Mixup/CutMix (timm pairs images)")
     model = Classifier(with_drop_path(backbone, args.drop_path), num_classes, args.pool).to(device)
     lr = args.blr * batch / 256.0
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, args.weight_decay, args.layer_decay), lr=lr,
+    optimizer = torch.optim.AdamW(layer_decay_groups(model, model.backbone, args.weight_decay, args.layer_decay), lr=lr,
                                   betas=(0.9, 0.999))
     if args.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")

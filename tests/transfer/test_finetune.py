@@ -23,10 +23,10 @@ def test_vit_layer_decay_follows_mae():
     """depth 2, decay 0.5: stem 0.5^3, block 0 0.5^2, block 1 0.5^1, final norm / fc_norm / head 1."""
     torch.manual_seed(0)
     model = Classifier(build_backbone("vit_small_patch16_224", **TINY_VIT), 5, pool="avg")
-    scales = _scales(layer_decay_groups(model, weight_decay=0.05, layer_decay=0.5))
+    scales = _scales(layer_decay_groups(model, model.backbone, weight_decay=0.05, layer_decay=0.5))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(scales) == trainable  # every trainable parameter exactly once
-    assert sum(len(g["params"]) for g in layer_decay_groups(model, 0.05, 0.5)) == len(trainable)
+    assert sum(len(g["params"]) for g in layer_decay_groups(model, model.backbone, 0.05, 0.5)) == len(trainable)
     b = "backbone.model."
     assert scales[b + "cls_token"] == (0.125, 0.0) and scales[b + "pos_embed"] == (0.125, 0.0)
     assert scales[b + "patch_embed.proj.weight"] == (0.125, 0.05)
@@ -40,9 +40,9 @@ def test_vit_layer_decay_follows_mae():
 
 def test_frozen_positions_are_left_out_and_cnn_uses_timm_stages():
     mocov3 = Classifier(build_backbone("vit_small_mocov3_patch16_224", **{**TINY_VIT, "num_heads": 2}), 3)
-    assert "backbone.model.pos_embed" not in _scales(layer_decay_groups(mocov3, 0.05, 0.75))
+    assert "backbone.model.pos_embed" not in _scales(layer_decay_groups(mocov3, mocov3.backbone, 0.05, 0.75))
     resnet = Classifier(build_backbone("resnet18"), 3)
-    scales = _scales(layer_decay_groups(resnet, 0.05, 0.5))
+    scales = _scales(layer_decay_groups(resnet, resnet.backbone, 0.05, 0.5))
     assert scales["head.weight"] == (1.0, 0.05)
     assert scales["backbone.model.conv1.weight"][0] < scales["backbone.model.layer1.0.conv1.weight"][0] \
         < scales["backbone.model.layer4.1.conv2.weight"][0] <= 1.0

@@ -36,7 +36,7 @@ def davis_palette() -> list[int]:
     return pal
 
 
-def _rgb(gray: np.ndarray, tint: tuple[float, float, float]) -> np.ndarray:
+def tinted(gray: np.ndarray, tint: tuple[float, float, float]) -> np.ndarray:
     return np.clip(gray[..., None].astype(np.float32) * np.array(tint, np.float32), 0, 255).astype(np.uint8)
 
 
@@ -46,15 +46,15 @@ def _backgrounds() -> dict[str, np.ndarray]:
         big = np.concatenate([np.concatenate([img, img[:, ::-1]], 1)] * 2, 0)  # mirrored: no seams
         return cv2.resize(big, (W + 160, H + 120), interpolation=cv2.INTER_LINEAR)
     return {
-        "grass": tile(_rgb(data.grass(), (0.75, 1.05, 0.6))),
-        "gravel": tile(_rgb(data.gravel(), (1.0, 0.95, 0.85))),
-        "brick": tile(_rgb(data.brick(), (1.1, 0.8, 0.7))),
+        "grass": tile(tinted(data.grass(), (0.75, 1.05, 0.6))),
+        "gravel": tile(tinted(data.gravel(), (1.0, 0.95, 0.85))),
+        "brick": tile(tinted(data.brick(), (1.1, 0.8, 0.7))),
         "astronaut": cv2.resize(data.astronaut(), (W + 160, H + 120)),
         "coffee": cv2.resize(data.coffee(), (W + 160, H + 120)),
     }
 
 
-def _objects() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def object_library() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(RGB texture, bool mask) of each object, cropped to its mask."""
     out = {}
     horse = ~data.horse()
@@ -68,7 +68,7 @@ def _objects() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     singles = [i + 1 for i in np.argsort(-sizes) if 2000 <= sizes[i] <= 3100][:3]
     for k, (i, tint) in enumerate(zip(singles, [(1.2, 1.0, 0.55), (0.9, 0.9, 1.0), (1.15, 0.8, 0.6)])):
         sl = ndi.find_objects((lab == i).astype(np.int32))[0]
-        out[f"coin{k}"] = (_rgb(coins[sl], tint), (lab[sl] == i))
+        out[f"coin{k}"] = (tinted(coins[sl], tint), (lab[sl] == i))
     yy, xx = np.mgrid[-1:1:160j, -1:1:160j]
     angle = np.arctan2(yy, xx)
     star = np.hypot(yy, xx) <= 0.55 + 0.4 * np.cos(5 * angle) ** 2
@@ -157,7 +157,7 @@ index = object id), ImageSets/2017/val.txt. Sequences: {sequences}.
 def generate(root: Path) -> None:
     """Write the sample into ``root`` (deterministic: same pixels every time)."""
     palette = davis_palette()
-    backgrounds, objects = _backgrounds(), _objects()
+    backgrounds, objects = _backgrounds(), object_library()
     for name in SEQUENCES:
         frames, labels = render_sequence(name, backgrounds, objects)
         img_dir, ann_dir = root / "JPEGImages" / "480p" / name, root / "Annotations" / "480p" / name

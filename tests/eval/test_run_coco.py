@@ -1,0 +1,86 @@
+"""``eval/run.py --task coco`` on a small generated COCO-format set: training, COCOeval, resume, export, errors."""
+import json
+
+import pytest
+import torch
+
+from bam.formats import backbone_checkpoint
+from eval.run import main
+from transfer.samples import coco as coco_sample
+
+from ..conftest import assert_one_line_error
+
+FAST = ["--iters", "4", "--batch-size", "2", "--min-size", "64", "--max-size", "64", "--proposals", "100,50,50,20",
+        "--roi-batch", "16", "--detections-per-image", "10", "--num-workers", "0", "--checkpoint-period", "2",
+        "--warmup-iters", "2", "--steps", "3", "--lr", "0.001"]
+
+
+@pytest.fixture
+def coco_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(coco_sample, "SPLITS", {"train2017": (6, 0), "val2017": (3, 1)})
+    root = tmp_path / "coco"
+    root.mkdir()
+    coco_sample.generate(root)
+    return root
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_vit):
+    path = tmp_path / "tiny.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    return path
+
+
+def test_coco_task_trains_evaluates_and_resumes(coco_root, tmp_path, ckpt, caplog):
+    out = tmp_path / "out"
+    argv = ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(ckpt), "--output-dir", str(out), *FAST]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [f"{t}/{m}" for t in ("bbox", "segm") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+    assert list(res["metrics"]) == names
+    assert all(v is None or 0.0 <= v <= 100.0 for v in res["metrics"].values())
+    assert res["categories"] == ["coin", "horse", "shape"] and res["engine"] == "torchvision"
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["iter"] == 4
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["iter"] == 4 and set(log[-1]) >= {"loss", "loss_mask", "loss_box_reg", "lr"}
+    caplog.clear()
+    assert main(argv) == 0  # the same run again: resumes at its last iteration, trains nothing
+    assert "resuming detection training" in caplog.text and "(iteration 4)" in caplog.text
+    assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+
+
+def test_export_only_writes_detectron2_weights(coco_root, tmp_path, ckpt):
+    out = tmp_path / "exp"
+    assert main(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(ckpt), "--output-dir", str(out),
+                 "--export-only"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["detectron2_weights"] == str(out / "detectron2_weights.pkl") and res["metrics"] == {}
+
+
+def test_coco_bad_input(coco_root, tmp_path, ckpt, caplog):
+    base = ["--task", "coco", "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "o"), *FAST]
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        assert_one_line_error(main, [*base, "--data", str(coco_root), "--engine", "detectron2"], caplog,
+                              "detectron2 is not installed and is not on PyPI")
+    assert_one_line_error(main, [*base, "--data", str(coco_root), "--proposals", "1,2"], caplog,
+                          "--proposals '1,2' must be four integers")
+    assert_one_line_error(main, [*base, "--data", str(coco_root), "--arch", "caformer_s18", "--checkpoint", ""],
+                          caplog, "caformer_s18: the torchvision detection engine takes ViTs and ResNets")
+    ann = coco_root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"].append({"id": 9, "name": "unicorn"})
+    ann.write_text(json.dumps(data))
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "categories without instances: unicorn")
+    (coco_root / "train2017" / "000001.jpg").unlink()
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog,
+                          "1 image files missing from " + str(coco_root / "train2017") + ", e.g. 000001.jpg")
+    ann.write_text(json.dumps({"images": []}))
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog,
+                          "is not a COCO instances file (no annotations, categories)")
+    ann.write_text("{not json")
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "is not JSON")
+    ann.unlink()
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "instances_train2017.json does not exist")
