@@ -25,7 +25,7 @@ from eval.options import resolve_defaults
 from transfer.coco_data import CocoInstances, coco_metrics, collate, load_coco, to_coco_results
 from transfer.detection import build_mask_rcnn
 from transfer.detectron2_export import write_detectron2_weights
-from transfer.finetune import layer_decay_groups, set_group_lrs
+from transfer.finetune import layer_decay_groups, set_group_lrs, with_drop_path
 from transfer.samples import coco as coco_sample
 from transfer.samples.cache import ensure_generated
 
@@ -46,11 +46,12 @@ PRESETS = {
 DEFAULTS = {"preset": None, "iters": 90_000, "batch_size": 16, "lr": 0.02, "optimizer": "sgd", "weight_decay": 1e-4,
             "steps": "60000,80000", "warmup_iters": 1000, "layer_decay": 1.0, "min_size": 800, "max_size": 1333,
             "amp": "none", "num_workers": 4, "checkpoint_period": 5000, "eval_batch_size": 2,
-            "proposals": "2000,1000,1000,1000", "roi_batch": 512, "detections_per_image": 100}
+            "proposals": "2000,1000,1000,1000", "roi_batch": 512, "detections_per_image": 100, "drop_path": 0.1}
 # the built-in sample: 256-pixel images, a few hundred iterations on a CPU
 SAMPLE = {"iters": 200, "batch_size": 2, "lr": 2e-4, "optimizer": "adamw", "weight_decay": 0.05, "steps": "160",
           "warmup_iters": 20, "layer_decay": 0.75, "min_size": 256, "max_size": 256, "num_workers": 2,
-          "checkpoint_period": 100, "proposals": "600,300,300,150", "roi_batch": 64, "detections_per_image": 20}
+          "checkpoint_period": 100, "proposals": "600,300,300,150", "roi_batch": 64, "detections_per_image": 20,
+          "drop_path": 0.0}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -76,6 +77,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        "(default 2000,1000,1000,1000: detectron2's FPN values)")
     group.add_argument("--roi-batch", type=int, default=None, help="sampled RoIs per image (default 512)")
     group.add_argument("--detections-per-image", type=int, default=None, help="default 100")
+    group.add_argument("--drop-path", type=float, default=None, help="ViT stochastic depth (default 0.1, ViTDet)")
     group.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="autocast (default none)")
     group.add_argument("--checkpoint-period", type=int, default=None, help="iterations between checkpoints "
                        "(default 5000)")
@@ -206,6 +208,8 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images with "
                          f"instances")
     torch.manual_seed(args.seed)
+    if backbone.is_vit:
+        backbone = with_drop_path(backbone, args.drop_path)
     model = build_mask_rcnn(backbone, len(train_set.cat_ids), args.min_size, args.max_size,
                             **mask_rcnn_options(args)).to(ctx.device)
     logger.info("Mask R-CNN on %s, %d categories, %d training images, %d iterations of %d", backbone.arch,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
-from bam.backbones import Backbone
+from bam.backbones import Backbone, build_backbone
 
 _VIT_STEM = re.compile(r"^(cls_token|reg_token|dist_token|pos_embed|patch_embed)")
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -100,3 +100,13 @@ def lr_at(step: float, total_steps: int, warmup_steps: int, lr: float, min_lr: f
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def with_drop_path(backbone: Backbone, rate: float) -> Backbone:
+    """The same weights in a backbone rebuilt with stochastic depth ``rate`` (timm's ``drop_path_rate``)."""
+    if rate <= 0:
+        return backbone
+    rebuilt = build_backbone(backbone.arch, **{**backbone.arch_kwargs, "drop_path_rate": rate})
+    rebuilt.model.load_state_dict(backbone.model.state_dict())
+    rebuilt.checkpoint_format = backbone.checkpoint_format
+    return rebuilt

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from bam.backbones import Backbone, build_backbone
+from bam.backbones import Backbone
 from bam.checkpoint import load_file, save_atomic
 from eval.context import TaskContext
 from eval.options import resolve_defaults
 from pretrain.data import IMG_EXTENSIONS, MEAN, STD, _open_rgb
-from transfer.finetune import Classifier, layer_decay_groups, lr_at, set_group_lrs
+from transfer.finetune import Classifier, layer_decay_groups, lr_at, set_group_lrs, with_drop_path
 from transfer.labelled_data import labelled_splits, photos_sample
 
 logger = logging.getLogger(__name__)
@@ -105,16 +105,6 @@ def train_dataset(root: Path, args: argparse.Namespace) -> ImageFolder:
     transform = train_transform(args)
     return ImageFolder(str(root), transform=transform, loader=_open_rgb,
                        is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
-
-
-def with_drop_path(backbone: Backbone, rate: float) -> Backbone:
-    """The same weights in a backbone rebuilt with stochastic depth ``rate`` (timm's ``drop_path_rate``)."""
-    if rate <= 0:
-        return backbone
-    rebuilt = build_backbone(backbone.arch, **{**backbone.arch_kwargs, "drop_path_rate": rate})
-    rebuilt.model.load_state_dict(backbone.model.state_dict())
-    rebuilt.checkpoint_format = backbone.checkpoint_format
-    return rebuilt
 
 
 @torch.no_grad()
