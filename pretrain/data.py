@@ -20,7 +20,7 @@ class UnreadableImageError(ValueError):
     pass
 
 
-def _open_rgb(path: str) -> Image.Image:
+def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -116,11 +116,17 @@ def eval_transform(size: int) -> T.Compose:
                       T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
 
 
+def labelled_folder(root: str | Path, transform) -> ImageFolder:
+    """An ImageFolder of the image files under ``root`` (known extensions only), read with readable errors."""
+    return ImageFolder(str(root), transform=transform, loader=open_rgb,
+                       is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+
+
 class EvalImageFolder(ImageFolder):
     """A labelled ImageFolder with the evaluation transform and readable errors."""
 
     def __init__(self, root: str | Path, size: int):
-        super().__init__(str(root), transform=eval_transform(size), loader=_open_rgb,
+        super().__init__(str(root), transform=eval_transform(size), loader=open_rgb,
                          is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
 
 
@@ -154,7 +160,7 @@ class SeededAugmentedFolder(ImageFolder):
     """
 
     def __init__(self, root: str | Path, transform, seed: int, boxes: torch.Tensor | None = None):
-        super().__init__(str(root), loader=_open_rgb, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+        super().__init__(str(root), loader=open_rgb, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
         self.multi_transform = transform
         self.seed = seed
         self.boxes = boxes

@@ -27,7 +27,7 @@ from bam.backbones import Backbone
 from bam.checkpoint import load_file, save_atomic
 from eval.context import TaskContext
 from eval.options import resolve_defaults
-from pretrain.data import IMG_EXTENSIONS, MEAN, STD, _open_rgb
+from pretrain.data import MEAN, STD, labelled_folder
 from transfer.finetune import Classifier, layer_decay_groups, lr_at, set_group_lrs, with_drop_path
 from transfer.labelled_data import labelled_splits, photos_sample
 
@@ -103,8 +103,7 @@ def train_transform(args: argparse.Namespace):
 
 def train_dataset(root: Path, args: argparse.Namespace) -> ImageFolder:
     transform = train_transform(args)
-    return ImageFolder(str(root), transform=transform, loader=_open_rgb,
-                       is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+    return labelled_folder(root, transform)
 
 
 @torch.no_grad()

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 
 from bam.checkpoint import save_atomic
 from eval.context import TaskContext
 from eval.options import parse_list, resolve_defaults
-from pretrain.data import IMG_EXTENSIONS, MEAN, STD, _open_rgb
+from pretrain.data import MEAN, STD, labelled_folder
 from transfer.features import cached_slots, feature_slots
 from transfer.labelled_data import labelled_splits, photos_sample
 from transfer.linear import HeadSpec, LinearGrid, evaluate_grid, feature_batches, select_head, train_grid
@@ -83,8 +82,7 @@ def augmented_batches(backbone, root: Path, indices: list[int], n_blocks: int, a
     """DINO's probe training views, each batch through the frozen backbone once for every head."""
     transform = T.Compose([T.ToImage(), T.RandomResizedCrop(args.image_size, antialias=True), T.RandomHorizontalFlip(),
                            T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
-    dataset = Subset(ImageFolder(str(root), transform=transform, loader=_open_rgb,
-                                 is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS)), indices)
+    dataset = Subset(labelled_folder(root, transform), indices)
 
     def batches(epoch: int):
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) > args.batch_size,
