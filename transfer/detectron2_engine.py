@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from bam.backbones import Backbone
@@ -59,6 +60,12 @@ def train_resnet(args, backbone: Backbone, weights: Path, train_name: str, val_n
     cfg.merge_from_file(model_zoo.get_config_file(f"COCO-InstanceSegmentation/{base}_1x.yaml"))
     cfg.merge_from_file(str(CONFIG_DIR / f"{base}_bam.yaml"))
     iters, steps = _schedule(args)
+    depth = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}.get(backbone.arch)
+    if depth is None:
+        raise ValueError(f"{backbone.arch}: the detectron2 engine takes resnet18/34/50/101 and plain ViTs")
+    cfg.MODEL.RESNETS.DEPTH = depth
+    if depth < 50:  # basic blocks: detectron2 wants the stage-2 width and has no C4 head for them
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE, cfg.OUTPUT_DIR = str(weights), device, str(output_dir)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), (val_name,)
@@ -92,6 +99,7 @@ def train_vit(args, backbone: Backbone, weights: Path, train_name: str, val_name
     vit = backbone.model
     net.embed_dim, net.depth, net.num_heads = vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads
     net.patch_size = backbone.patch_size
+    cfg.model.backbone.square_pad = max(args.min_size, args.max_size)  # ViTDet pads every image to this square
     cfg.optimizer.params.lr_factor_func.keywords["num_layers"] = len(vit.blocks)
     cfg.model.roi_heads.num_classes = num_classes
     iters, steps = _schedule(args)
@@ -100,7 +108,13 @@ def train_vit(args, backbone: Backbone, weights: Path, train_name: str, val_name
     cfg.train.checkpointer.period = args.checkpoint_period
     cfg.optimizer.lr, cfg.optimizer.weight_decay = args.lr, args.weight_decay
     cfg.lr_multiplier.scheduler.milestones, cfg.lr_multiplier.scheduler.num_updates = steps, iters
+    cfg.lr_multiplier.scheduler.values = [0.1 ** i for i in range(len(steps) + 1)]
     cfg.lr_multiplier.warmup_length = args.warmup_iters / iters
+    resize, crop = cfg.dataloader.train.mapper.augmentations[1:]
+    resize.target_height = resize.target_width = args.min_size  # --min-size is the LSJ square
+    crop.crop_size = (args.min_size, args.min_size)
+    test_resize = cfg.dataloader.test.mapper.augmentations[0]
+    test_resize.short_edge_length, test_resize.max_size = args.min_size, args.max_size
     cfg.dataloader.train.dataset.names, cfg.dataloader.test.dataset.names = train_name, val_name
     cfg.dataloader.train.total_batch_size, cfg.dataloader.train.num_workers = args.batch_size, args.num_workers
     cfg.dataloader.evaluator = {"_target_": COCOEvaluator, "dataset_name": val_name,
@@ -139,7 +153,7 @@ def run_detectron2(ctx: TaskContext, args: argparse.Namespace, backbone: Backbon
     fit = train_vit if backbone.is_vit else train_resnet
     results = fit(args, backbone, weights, names[args.train_split], names[args.val_split], num_classes,
                   ctx.output_dir, ctx.device.type)
-    metrics = {f"{iou}/{k}": float(v) for iou in ("bbox", "segm") for k, v in results.get(iou, {}).items()
-               if k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-    return {"metrics": metrics, "engine": "detectron2", "detectron2_weights": str(weights),
-            "detectron2_results": results}
+    # detectron2 reports NaN where the split has no objects of a size; results.json says null, as the other engine
+    metrics = {f"{iou}/{k}": None if math.isnan(v) else float(v) for iou in ("bbox", "segm")
+               for k, v in results.get(iou, {}).items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    return {"metrics": metrics, "engine": "detectron2", "detectron2_weights": str(weights)}

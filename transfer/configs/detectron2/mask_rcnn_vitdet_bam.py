@@ -4,6 +4,7 @@
 # transfer/detectron2_engine.py sets the backbone's width/depth/heads, the weights, datasets and schedule.
 from functools import partial
 
+import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
@@ -21,6 +22,15 @@ model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
 dataloader.train.mapper.image_format = "RGB"
 dataloader.test.mapper.image_format = "RGB"
+# large-scale jitter (ViTDet): flip, resize by 0.1-2.0 of a 1024 square, crop 1024 (boxes recomputed from masks)
+image_size = 1024
+dataloader.train.mapper.augmentations = [
+    L(T.RandomFlip)(horizontal=True),
+    L(T.ResizeScale)(min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size),
+    L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
+]
+dataloader.train.mapper.recompute_boxes = True
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size)]
 
 optimizer.lr = 1e-4
 optimizer.weight_decay = 0.1
