@@ -3,6 +3,9 @@
     python eval/run.py --task davis                                  # random-init ViT-S/16 on the built-in sample
     python eval/run.py --task davis --checkpoint dino_vits16.pth --data /data/DAVIS
     python eval/run.py --task davis --predictions my_method/ --data /data/DAVIS   # score another method's PNGs
+    python eval/run.py --task linear --checkpoint ckpt.pth --data /data/imagenet --cache-features
+    python eval/run.py --task coco --checkpoint ckpt.pth --data /data/coco --preset vitdet_100ep
+    python eval/run.py --task TASK --help                            # one task's flags and their defaults
 
 Every run writes <output-dir>/results.json (task, metrics, checkpoint and its sha256, detected format, arch,
 data, resolved config, versions, seconds) and prints a short table.

@@ -145,42 +145,42 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
         else:
             logger.warning("%s belongs to another run (other weights, data or schedule): starting over", ckpt_path)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    log = open(output_dir / "log.jsonl", "a" if start else "w")
-    it, epoch = start, 0
-    bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True)
-    model.train()
-    while it < args.iters:
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                            num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed + epoch))
-        for images, targets in loader:
-            if it >= args.iters:
-                break
-            set_group_lrs(optimizer, args.lr * lr_factor(it, args.warmup_iters, steps))
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            with autocast:
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"detection loss is {loss.item()} at iteration {it}; lower --lr (the last good "
-                                 f"checkpoint is {ckpt_path})")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            it += 1
-            bar.update()
-            if it % 20 == 0 or it == args.iters:
-                log.write(json.dumps({"iter": it, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                                      "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % args.checkpoint_period == 0 or it == args.iters:
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "iter": it, "run_id": run_id}, ckpt_path)
-        epoch += 1
-    bar.close()
-    log.close()
+    with open(output_dir / "log.jsonl", "a" if start else "w") as log:
+        it, epoch = start, 0
+        bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True)
+        model.train()
+        while it < args.iters:
+            loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                collate_fn=collate, num_workers=args.num_workers,
+                                generator=torch.Generator().manual_seed(args.seed + epoch))
+            for images, targets in loader:
+                if it >= args.iters:
+                    break
+                set_group_lrs(optimizer, args.lr * lr_factor(it, args.warmup_iters, steps))
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+                with autocast:
+                    losses = model(images, targets)
+                loss = sum(losses.values())
+                if not math.isfinite(loss.item()):
+                    raise ValueError(f"detection loss is {loss.item()} at iteration {it}; lower --lr (the last good "
+                                     f"checkpoint is {ckpt_path})")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                it += 1
+                bar.update()
+                if it % 20 == 0 or it == args.iters:
+                    log.write(json.dumps({"iter": it, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                                          "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                if it % args.checkpoint_period == 0 or it == args.iters:
+                    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict(), "iter": it, "run_id": run_id}, ckpt_path)
+            epoch += 1
+        bar.close()
 
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
