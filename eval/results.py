@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGES = ["torch", "torchvision", "timm", "numpy", "scikit-learn", "scikit-image", "opencv-python", "pillow",
-             "bam-ssl"]
+             "pycocotools", "faiss-cpu", "detectron2", "mmengine", "mmcv-lite", "mmsegmentation", "bam-ssl"]
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -42,6 +42,7 @@ TASKS: dict[str, str] = {
     "finetune": "transfer.finetune_task",
     "semisup": "transfer.semisup_task",
     "coco": "transfer.coco_task",
+    "ade20k": "transfer.ade20k_task",
 }
 DEFAULT_ARCH = "vit_small_patch16_224"
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from bam.formats import backbone_checkpoint
 from eval.results import sha256
-from eval.run import main
+from eval.run import TASKS, main
 
 from ..conftest import assert_one_line_error
 from .davis_fixtures import moving_ellipses, write_sequence
@@ -112,7 +112,9 @@ def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):
 def test_unknown_task_and_flag_name_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["--task", "segment-anything"])
-    assert "invalid choice: 'segment-anything' (choose from 'davis'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'segment-anything' (choose from " in err
+    assert all(f"'{name}'" in err for name in TASKS)
     with pytest.raises(SystemExit):
         main(["--task", "davis", "--top-k", "3"])
     err = capsys.readouterr().err

@@ -1,0 +1,80 @@
+# The built-in sample's CPU setting: the same UperNet pipeline as upernet_vit_160k.py / upernet_resnet_160k.py, made
+# small enough for a few minutes on 2 CPU cores. What differs from the paper-scale recipe, and why:
+#   - 128x128 crops of 256x192 scenes (resized so the short side is 128, x0.5-2.0 while training), 400 iterations
+#     of 4 images, no warm-up: the sample is tiny and a random-init backbone has nothing to protect (measured on 2
+#     cores with a random-init ViT-S/16: about 3 minutes, mIoU 66; 8 images per iteration gave 77 in about 5)
+#   - AdamW lr 1e-3 (a random-init backbone learns from scratch here; 6e-5 barely moves it in 400 steps)
+#   - thin heads: neck and UperNet 64 channels, auxiliary FCN head 32 (512 / 256 in the recipe)
+#   - no checkpoint file (a ViT-S segmentor with AdamW states is ~260 MB); validation only at the end
+# transfer/ade20k_task.py fills data_root, the backbone, the classes and the flags you pass.
+crop_size = (128, 128)
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                           bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=crop_size),
+    backbone=dict(),  # the evaluated backbone's own architecture (transfer/mmseg_models.py)
+    neck=dict(type='MultiLevelNeck', in_channels=None, out_channels=64, scales=None),  # ViTs only: strides 4-32
+    decode_head=dict(type='UPerHead', in_channels=None, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                     channels=64, dropout_ratio=0.1, num_classes=None, norm_cfg=norm_cfg, align_corners=False,
+                     loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    auxiliary_head=dict(type='FCNHead', in_channels=None, in_index=3, channels=32, num_convs=1,
+                        concat_input=False, dropout_ratio=0.1, num_classes=None, norm_cfg=norm_cfg,
+                        align_corners=False,
+                        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+
+dataset_type = 'BaseSegDataset'  # the sample's own classes (transfer/samples/ade.py), ADE20K's file layout
+data_root = None
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomResize', scale=(512, 128), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(512, 128), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs'),
+]
+dataset = dict(type=dataset_type, data_root=data_root, img_suffix='.jpg', seg_map_suffix='.png',
+               reduce_zero_label=True)
+train_dataloader = dict(
+    batch_size=4, num_workers=2, persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(**dataset, data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1, num_workers=2, persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(**dataset, data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
+                 pipeline=test_pipeline))
+val_evaluator = dict(type='BamIoUMetric', iou_metrics=['mIoU'])
+
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=0.001, betas=(0.9, 0.999),
+                                                         weight_decay=0.01))
+param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=400, by_epoch=False)]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=400, val_interval=400)
+val_cfg = dict(type='ValLoop')
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook'))
+
+default_scope = 'mmseg'
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='gloo'))
+vis_backends = [dict(type='LocalVisBackend')]
+# no fixed name (mmseg's is 'visualizer'): mmengine reuses a named visualizer, so a second run in the same process
+# would write into the first one's folder; the Runner names it after the run instead
+visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends)
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
