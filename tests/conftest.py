@@ -7,6 +7,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from bam import build_backbone
+from bam.formats import backbone_checkpoint
 
 # The tiny ViT every test uses: depth 2, width 32, patch 8, 32-pixel images.
 TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
@@ -16,6 +17,14 @@ TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
 def tiny_vit():
     torch.manual_seed(0)
     return build_backbone("vit_small_patch16_224", **TINY_VIT).eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_vit):
+    """The tiny ViT saved in our checkpoint format (``load_backbone`` reads it with no other argument)."""
+    path = tmp_path / "tiny.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    return path
 
 
 @pytest.fixture(autouse=True)

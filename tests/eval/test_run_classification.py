@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bam.formats import backbone_checkpoint, load_backbone
+from bam.formats import load_backbone
 from eval.run import main
 from pretrain.data import EvalImageFolder
 from transfer.features import extract
@@ -19,15 +19,9 @@ from ..conftest import assert_one_line_error
 COMMON = ["--image-size", "32", "--num-workers", "0"]
 
 
-@pytest.fixture
-def ckpt(tmp_path, tiny_vit):
-    path = tmp_path / "tiny.pth"
-    torch.save(backbone_checkpoint(tiny_vit), path)
-    return path
-
-
-def _run(task, data, out, ckpt, *extra):
-    argv = ["--task", task, "--data", str(data), "--output-dir", str(out), "--checkpoint", str(ckpt), *COMMON, *extra]
+def _run(task, data, out, checkpoint, *extra):
+    argv = ["--task", task, "--data", str(data), "--output-dir", str(out), "--checkpoint", str(checkpoint), *COMMON,
+            *extra]
     assert main(argv) == 0
     return json.loads((out / "results.json").read_text())
 
@@ -36,8 +30,8 @@ LINEAR = ["--n-blocks", "1,2", "--lrs", "0.01,1", "--epochs", "5", "--batch-size
           "--extract-batch-size", "8"]
 
 
-def test_linear_task_reports_the_head_selected_on_held_out_images(digit_folders, tmp_path, ckpt):
-    res = _run("linear", digit_folders, tmp_path / "lin", ckpt, *LINEAR)
+def test_linear_task_reports_the_head_selected_on_held_out_images(digit_folders, tmp_path, tiny_checkpoint):
+    res = _run("linear", digit_folders, tmp_path / "lin", tiny_checkpoint, *LINEAR)
     heads = res["heads"]
     assert len(heads) == 8 and res["selected_on"] == "holdout"  # 2 lrs x {1, 2} blocks x avgpool off/on
     assert {(h["lr"], h["n_blocks"], h["avgpool"]) for h in heads} == \
@@ -54,32 +48,33 @@ def test_linear_task_reports_the_head_selected_on_held_out_images(digit_folders,
     assert len((tmp_path / "lin" / "log.jsonl").read_text().splitlines()) == 5
 
 
-def test_feature_cache_is_shared_by_knn_and_linear_and_changes_nothing(digit_folders, tmp_path, ckpt, caplog):
+def test_feature_cache_is_shared_by_knn_and_linear_and_changes_nothing(digit_folders, tmp_path, tiny_checkpoint,
+                                                                       caplog):
     cache = ["--cache-features", "--cache-dir", str(tmp_path / "cache")]
-    knn = _run("knn", digit_folders, tmp_path / "knn", ckpt, "--k", "5", *cache)
+    knn = _run("knn", digit_folders, tmp_path / "knn", tiny_checkpoint, "--k", "5", *cache)
     assert "features cached" in caplog.text
     caplog.clear()
-    cached = _run("linear", digit_folders, tmp_path / "a", ckpt, *LINEAR, *cache)
+    cached = _run("linear", digit_folders, tmp_path / "a", tiny_checkpoint, *LINEAR, *cache)
     assert caplog.text.count("features from the cache") == 2  # train and val: no re-extraction
-    fresh = _run("linear", digit_folders, tmp_path / "b", ckpt, *LINEAR)
+    fresh = _run("linear", digit_folders, tmp_path / "b", tiny_checkpoint, *LINEAR)
     assert cached["metrics"] == fresh["metrics"] and cached["heads"] == fresh["heads"]
-    again = _run("knn", digit_folders, tmp_path / "knn2", ckpt, "--k", "5")
+    again = _run("knn", digit_folders, tmp_path / "knn2", tiny_checkpoint, "--k", "5")
     assert knn["metrics"] == again["metrics"]
     caplog.clear()
     (digit_folders / "train" / "0" / sorted((digit_folders / "train" / "0").iterdir())[0].name).unlink()
-    _run("knn", digit_folders, tmp_path / "knn3", ckpt, "--k", "5", *cache)  # other images: a new key
+    _run("knn", digit_folders, tmp_path / "knn3", tiny_checkpoint, "--k", "5", *cache)  # other images: a new key
     assert caplog.text.count("features from the cache") == 1 and "features cached" in caplog.text
 
 
-def test_knn_faiss_backend_gives_the_same_numbers(digit_folders, tmp_path, ckpt):
+def test_knn_faiss_backend_gives_the_same_numbers(digit_folders, tmp_path, tiny_checkpoint):
     pytest.importorskip("faiss", reason="faiss-cpu is in the test extra; install it to run this test")
-    a = _run("knn", digit_folders, tmp_path / "t", ckpt, "--k", "1,5,20")
-    b = _run("knn", digit_folders, tmp_path / "f", ckpt, "--k", "1,5,20", "--knn-backend", "faiss")
+    a = _run("knn", digit_folders, tmp_path / "t", tiny_checkpoint, "--k", "1,5,20")
+    b = _run("knn", digit_folders, tmp_path / "f", tiny_checkpoint, "--k", "1,5,20", "--knn-backend", "faiss")
     assert a["metrics"] == b["metrics"]
 
 
-def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, ckpt):
-    res = _run("finetune", digit_folders, tmp_path / "ft", ckpt, "--epochs", "2", "--batch-size", "12",
+def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, tiny_checkpoint):
+    res = _run("finetune", digit_folders, tmp_path / "ft", tiny_checkpoint, "--epochs", "2", "--batch-size", "12",
                "--warmup-epochs", "1", "--preset", "vit_small")
     assert set(res["metrics"]) == {"top1", "top5"} and len(res["history"]) == 2
     assert res["config"]["layer_decay"] == 0.75 and res["config"]["mixup"] == 0.8  # preset, then the recipe
@@ -94,16 +89,16 @@ def _imagenet_names(root):
         f.rename(f.parent / f"{f.parent.name}_{f.name}")
 
 
-def test_semisup_logreg_equals_scikit_learn_on_the_same_features(digit_folders, tmp_path, ckpt):
+def test_semisup_logreg_equals_scikit_learn_on_the_same_features(digit_folders, tmp_path, tiny_checkpoint):
     _imagenet_names(digit_folders)
     chosen = [sorted((digit_folders / "train" / c).iterdir())[i].name for c in "012" for i in (0, 3, 5)]
     split = tmp_path / "25percent.txt"
     split.write_text("\n".join(chosen) + "\n")
-    res = _run("semisup", digit_folders, tmp_path / "ss", ckpt, "--fractions", "0.25,0.5", "--split-file",
+    res = _run("semisup", digit_folders, tmp_path / "ss", tiny_checkpoint, "--fractions", "0.25,0.5", "--split-file",
                f"{split},{split}", "--logreg-c", "0.5")
     part = res["subsets"][0]
     assert part["source"].startswith("split file") and part["num_images"] == 9 and part["C_selected_by"] == "given"
-    backbone = load_backbone(ckpt).eval()
+    backbone = load_backbone(tiny_checkpoint).eval()
     train_set = EvalImageFolder(digit_folders / "train", 32)
     x, y = extract(backbone, train_set, torch.device("cpu"), 8, 0)
     vx, vy = extract(backbone, EvalImageFolder(digit_folders / "val", 32), torch.device("cpu"), 8, 0)
@@ -113,22 +108,22 @@ def test_semisup_logreg_equals_scikit_learn_on_the_same_features(digit_folders, 
     want = 100.0 * np.mean(model.predict(vx.numpy()) == vy.numpy())
     assert res["metrics"]["top1_25pct"] == pytest.approx(want)
 
-    res = _run("semisup", digit_folders, tmp_path / "ss2", ckpt, "--fractions", "0.5")
+    res = _run("semisup", digit_folders, tmp_path / "ss2", tiny_checkpoint, "--fractions", "0.5")
     part = res["subsets"][0]
     assert part["source"].startswith("class-balanced") and part["num_images"] == 18
     assert part["C_selected_by"] == "3-fold stratified cross-validation" and "top1_50pct" in res["metrics"]
 
 
-def test_semisup_finetune_protocol(digit_folders, tmp_path, ckpt):
-    res = _run("semisup", digit_folders, tmp_path / "ssft", ckpt, "--protocol", "finetune", "--fractions", "0.5",
-               "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0")
+def test_semisup_finetune_protocol(digit_folders, tmp_path, tiny_checkpoint):
+    res = _run("semisup", digit_folders, tmp_path / "ssft", tiny_checkpoint, "--protocol", "finetune",
+               "--fractions", "0.5", "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0")
     assert res["subsets"][0]["num_images"] == 18 and len(res["subsets"][0]["history"]) == 1
     assert (tmp_path / "ssft" / "50pct" / "checkpoint.pth").is_file()
 
 
-def test_classification_bad_input(digit_folders, tmp_path, ckpt, caplog):
+def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, caplog):
     base = ["--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), *COMMON]
-    lin = ["--task", "linear", *base, "--checkpoint", str(ckpt)]
+    lin = ["--task", "linear", *base, "--checkpoint", str(tiny_checkpoint)]
     assert_one_line_error(main, [*lin, "--n-blocks", "1,4"], caplog, "asked for the last 4 blocks but")
     assert_one_line_error(main, [*lin, "--lrs", "fast"], caplog, "--lrs 'fast' must be a comma-separated list")
     assert_one_line_error(main, [*lin, "--holdout-fraction", "1"], caplog, "--holdout-fraction 1.0 must be in [0, 1)")
@@ -151,8 +146,8 @@ def test_classification_bad_input(digit_folders, tmp_path, ckpt, caplog):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-def test_linear_official_bam_preset_trains_on_augmented_views(digit_folders, tmp_path, ckpt):
-    res = _run("linear", digit_folders, tmp_path / "bam", ckpt, "--preset", "bam_vitb", "--epochs", "2",
+def test_linear_official_bam_preset_trains_on_augmented_views(digit_folders, tmp_path, tiny_checkpoint):
+    res = _run("linear", digit_folders, tmp_path / "bam", tiny_checkpoint, "--preset", "bam_vitb", "--epochs", "2",
                "--batch-size", "8", "--extract-batch-size", "8")
     assert [h["name"] for h in res["heads"]] == ["lr=0.002 blocks=1 +avgpool"]
     assert res["config"]["augment"] is True and res["config"]["bn_head"] is True and res["config"]["epochs"] == 2

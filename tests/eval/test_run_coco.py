@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from bam.formats import backbone_checkpoint
 from eval.run import main
 from transfer.samples import coco as coco_sample
 
@@ -24,16 +23,10 @@ def coco_root(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture
-def ckpt(tmp_path, tiny_vit):
-    path = tmp_path / "tiny.pth"
-    torch.save(backbone_checkpoint(tiny_vit), path)
-    return path
-
-
-def test_coco_task_trains_evaluates_and_resumes(coco_root, tmp_path, ckpt, caplog):
+def test_coco_task_trains_evaluates_and_resumes(coco_root, tmp_path, tiny_checkpoint, caplog):
     out = tmp_path / "out"
-    argv = ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(ckpt), "--output-dir", str(out), *FAST]
+    argv = ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir", str(out),
+            *FAST]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     names = [f"{t}/{m}" for t in ("bbox", "segm") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
@@ -50,16 +43,16 @@ def test_coco_task_trains_evaluates_and_resumes(coco_root, tmp_path, ckpt, caplo
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
 
 
-def test_export_only_writes_detectron2_weights(coco_root, tmp_path, ckpt):
+def test_export_only_writes_detectron2_weights(coco_root, tmp_path, tiny_checkpoint):
     out = tmp_path / "exp"
-    assert main(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(ckpt), "--output-dir", str(out),
-                 "--export-only"]) == 0
+    assert main(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+                 str(out), "--export-only"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["detectron2_weights"] == str(out / "detectron2_weights.pkl") and res["metrics"] == {}
 
 
-def test_coco_bad_input(coco_root, tmp_path, ckpt, caplog):
-    base = ["--task", "coco", "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "o"), *FAST]
+def test_coco_bad_input(coco_root, tmp_path, tiny_checkpoint, caplog):
+    base = ["--task", "coco", "--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / "o"), *FAST]
     try:
         import detectron2  # noqa: F401
     except ImportError:

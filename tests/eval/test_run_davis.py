@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bam.formats import backbone_checkpoint
 from eval.results import sha256
 from eval.run import TASKS, main
 
@@ -31,13 +30,6 @@ def davis_root(tmp_path):
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("alpha\nbeta\n")
     return root
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path, tiny_vit):
-    path = tmp_path / "tiny.pth"
-    torch.save(backbone_checkpoint(tiny_vit), path)
-    return path
 
 
 def test_davis_end_to_end_with_a_checkpoint_then_scoring_its_predictions(davis_root, tiny_checkpoint, tmp_path):
