@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from bam.backbones import ARCHS, Backbone, build_backbone  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
+from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E402
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
 from eval.results import format_table, sha256, versions, write_results  # noqa: E402
@@ -135,15 +136,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         logger.error("%s", e)
         return 2
+    finally:
+        if is_dist():
+            torch.distributed.destroy_process_group()
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.time()
     module = task_module(args.task)
     device = resolve_device(args.device)
+    dist_info = init_distributed(device)  # under torchrun or srun: one rank per process
+    if dist_info.world_size > 1:
+        if not getattr(module, "DISTRIBUTED", False):
+            raise ValueError(f"--task {args.task} runs in one process; start it without torchrun / srun "
+                             f"(tasks that run on several processes: "
+                             f"{', '.join(n for n in TASKS if getattr(task_module(n), 'DISTRIBUTED', False))})")
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").unlink(missing_ok=True)  # a failed run must not leave old results looking new
+    if dist_info.rank == 0:
+        (output_dir / "results.json").unlink(missing_ok=True)  # a failed run must not leave old results looking new
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.data:
         data_root, is_sample = Path(args.data), False
@@ -165,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
     if is_sample:
         results["note"] = "built-in sample generated from installed packages' data: shows the pipeline works; " \
                           "not the real data set"
+    if get_dist_info().rank != 0:  # rank 0 writes and talks
+        return 0
+    if dist_info.world_size > 1:
+        results["world_size"] = dist_info.world_size
     path = write_results(output_dir, results)
     label = "random-init " + (info["arch"] or "") if info["random_init"] else (info["checkpoint"] or "predictions")
     print(format_table(args.task, metrics, f"{label}{' (built-in sample)' if is_sample else ''}"))

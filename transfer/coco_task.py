@@ -12,14 +12,17 @@ import argparse
 import json
 import logging
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from bam.checkpoint import load_file, save_atomic
+from bam.distributed import get_dist_info
 from eval.context import TaskContext
 from eval.options import resolve_defaults
 from transfer.coco_data import CocoInstances, coco_metrics, collate, load_coco, to_coco_results
@@ -30,6 +33,7 @@ from transfer.samples import coco as coco_sample
 from transfer.samples.cache import ensure_generated
 
 logger = logging.getLogger(__name__)
+DISTRIBUTED = True  # torchrun / srun: DDP training, evaluation sharded over ranks
 HELP = "COCO detection + instance segmentation with Mask R-CNN (torchvision engine, or detectron2), COCOeval AP"
 # Schedules (detectron2 model zoo: 1x = 90k iterations of 16 images, lr 0.02, steps at 60k / 80k, 1k warm-up;
 # 3x = 270k, steps at 210k / 250k; ViTDet's COCO recipe: AdamW lr 1e-4, weight decay 0.1, layer decay 0.7,
@@ -110,18 +114,31 @@ def mask_rcnn_options(args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: CocoInstances, device: torch.device, batch_size: int, workers: int) -> dict:
+def evaluate(model, dataset: CocoInstances, device: torch.device, batch_size: int, workers: int) -> tuple[dict, int]:
+    """COCOeval of ``model`` on ``dataset``; under a process group each rank runs every world_size-th image and
+    the detections are gathered before scoring (every rank returns the same metrics)."""
+    info = get_dist_info()
     model.eval()
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.world_size > 1 else dataset
     results = []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    for images, targets in tqdm(loader, desc="coco eval", leave=False, dynamic_ncols=True):
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    for images, targets in tqdm(loader, desc="coco eval", leave=False, dynamic_ncols=True, disable=info.rank > 0):
         outputs = model([im.to(device) for im in images])
         results += to_coco_results(outputs, [t["image_id"] for t in targets], dataset.cat_ids)
+    if info.world_size > 1:
+        parts: list = [None] * info.world_size
+        torch.distributed.all_gather_object(parts, results)
+        results = [r for part in parts for r in part]
     return coco_metrics(dataset.coco, results), len(results)
 
 
 def train(model, train_set: CocoInstances, args: argparse.Namespace, device: torch.device, output_dir: Path,
           run_id: dict, backbone) -> None:
+    """Train ``model`` in place; under a process group with DDP, each rank taking batch_size / world_size images
+    of every global batch (DistributedSampler), rank 0 writing the log and the checkpoint."""
+    info = get_dist_info()
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {info.world_size} processes")
     groups = layer_decay_groups(model, backbone, args.weight_decay, args.layer_decay)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
@@ -133,7 +150,7 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
     ckpt_path, start = output_dir / "checkpoint.pth", 0
-    run_id = json.loads(json.dumps(run_id, default=str))
+    run_id = {**json.loads(json.dumps(run_id, default=str)), "world_size": info.world_size}
     if ckpt_path.is_file():
         state = load_file(ckpt_path)
         if state.get("run_id") == run_id:
@@ -145,14 +162,18 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
         else:
             logger.warning("%s belongs to another run (other weights, data or schedule): starting over", ckpt_path)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    with open(output_dir / "log.jsonl", "a" if start else "w") as log:
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.world_size > 1 else model
+    sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
+    log_path = output_dir / "log.jsonl" if info.rank == 0 else Path(os.devnull)
+    with open(log_path, "a" if start else "w") as log:
         it, epoch = start, 0
-        bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True)
+        bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True, disable=info.rank > 0)
         model.train()
         while it < args.iters:
-            loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                collate_fn=collate, num_workers=args.num_workers,
-                                generator=torch.Generator().manual_seed(args.seed + epoch))
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=args.batch_size // info.world_size, sampler=sampler,
+                                drop_last=True, collate_fn=collate, num_workers=args.num_workers)
             for images, targets in loader:
                 if it >= args.iters:
                     break
@@ -160,7 +181,7 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
                 images = [im.to(device, non_blocking=True) for im in images]
                 targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
                 with autocast:
-                    losses = model(images, targets)
+                    losses = net(images, targets)
                 loss = sum(losses.values())
                 if not math.isfinite(loss.item()):
                     raise ValueError(f"detection loss is {loss.item()} at iteration {it}; lower --lr (the last good "
@@ -176,7 +197,7 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
                                           "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                if it % args.checkpoint_period == 0 or it == args.iters:
+                if (it % args.checkpoint_period == 0 or it == args.iters) and info.rank == 0:
                     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scaler": scaler.state_dict(), "iter": it, "run_id": run_id}, ckpt_path)
             epoch += 1

@@ -1,5 +1,9 @@
 """``eval/run.py --task coco`` on a small generated COCO-format set: training, COCOeval, resume, export, errors."""
 import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from transfer.samples import coco as coco_sample
 
 from ..conftest import assert_one_line_error
 
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--iters", "4", "--batch-size", "2", "--min-size", "64", "--max-size", "64", "--proposals", "100,50,50,20",
         "--roi-batch", "16", "--detections-per-image", "10", "--num-workers", "0", "--checkpoint-period", "2",
         "--warmup-iters", "2", "--steps", "3", "--lr", "0.001"]
@@ -77,3 +82,32 @@ def test_coco_bad_input(coco_root, tmp_path, tiny_checkpoint, caplog):
     assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "is not JSON")
     ann.unlink()
     assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "instances_train2017.json does not exist")
+
+
+def _torchrun(argv, timeout=300):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "eval" / "run.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_coco_under_torchrun_trains_with_ddp_and_shards_evaluation(coco_root, tmp_path, tiny_checkpoint):
+    out = tmp_path / "ddp"
+    done = _torchrun(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint),
+                      "--output-dir", str(out), *FAST])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("joined process group") == 2 and done.stdout.count("coco -- ") == 1  # rank 0 talks
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and len(res["metrics"]) == 12
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["iter"] == 4 and state["run_id"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])  # the plain model's names, as one process
+
+
+def test_single_process_tasks_refuse_torchrun(digit_folders, tmp_path):
+    done = _torchrun(["--task", "linear", "--data", str(digit_folders), "--output-dir", str(tmp_path / "o")],
+                     timeout=120)
+    assert done.returncode != 0
+    assert "--task linear runs in one process; start it without torchrun" in done.stderr
