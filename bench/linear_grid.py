@@ -35,25 +35,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_epoch(specs, dim: int, classes: int, batches, batch: int, device) -> float:
+    """Seconds for one epoch of a grid of ``specs`` heads over ``batches``."""
+    grid = LinearGrid(specs, dim, classes).to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    train_grid(grid, batches, 1, batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def augmented(device, batches: int, batch: int, classes: int) -> None:
     backbone = build_backbone("vit_small_patch16_224").to(device).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(batch, 3, 224, 224, generator=g).to(device),
              torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(batches)]
 
-    def run(specs):
-        grid = LinearGrid(specs, backbone.embed_dim, classes).to(device)
+    def stream(epoch):
+        for images, labels in data:
+            with torch.no_grad():
+                slots = feature_slots(backbone, images, 4)
+            yield slots, labels  # outside no_grad: the heads train
 
-        def stream(epoch):
-            for images, labels in data:
-                with torch.no_grad():
-                    slots = feature_slots(backbone, images, 4)
-                yield slots, labels  # outside no_grad: the heads train
-        sync(device)
-        t0 = time.perf_counter()
-        train_grid(grid, stream, 1, batch)
-        sync(device)
-        return time.perf_counter() - t0
+    def run(specs):
+        return timed_epoch(specs, backbone.embed_dim, classes, stream, batch, device)
 
     run(SPECS[:1])  # warm-up
     one = run(SPECS[:1])
@@ -73,12 +78,7 @@ def cached(device, n: int, classes: int, batch: int) -> None:
     batches = feature_batches(slots, labels, batch, seed=0, device=device)
 
     def run(specs):
-        grid = LinearGrid(specs, 384, classes).to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        train_grid(grid, batches, 1, batch)
-        sync(device)
-        return time.perf_counter() - t0
+        return timed_epoch(specs, 384, classes, batches, batch, device)
 
     run(SPECS[:2])  # warm-up
     grid = run(SPECS)

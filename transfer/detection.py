@@ -109,8 +109,7 @@ def resnet_fpn(backbone: Backbone, out_channels: int = 256, trainable_stages: in
     trainable = [f"layer{i}" for i in range(5 - trainable_stages, 5)]
     for name, param in model.named_parameters():
         param.requires_grad_(any(name.startswith(t + ".") for t in trainable))
-    widths = [getattr(model, f"layer{i}")[-1].conv3.out_channels if hasattr(getattr(model, f"layer{i}")[-1], "conv3")
-              else getattr(model, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)]
+    widths = [info["num_chs"] for info in model.feature_info if info["module"].startswith("layer")]
     return BackboneWithFPN(model, {f"layer{i}": str(i - 1) for i in range(1, 5)}, widths, out_channels,
                            extra_blocks=LastLevelMaxPool())
 

@@ -103,21 +103,25 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     backbone = ctx.load_backbone().to(ctx.device).eval().requires_grad_(False)
     specs = head_specs(args, backbone.is_vit)
     n_blocks = max(s.n_blocks for s in specs)
-    slots = {name: cached_slots(ctx.feature_cache, ctx.model_id(), backbone, dataset, ctx.device,
-                                args.extract_batch_size, args.num_workers, n_blocks, name)
-             for name, dataset in (("train", train_set), ("val", val_set))}
     train_idx, hold_idx = holdout_split(train_set.targets, args.holdout_fraction, args.seed)
     if args.holdout_fraction > 0 and not hold_idx:
         raise ValueError("--holdout-fraction leaves no held-out image; raise it or use 0 (select on val)")
 
+    def frozen(dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return cached_slots(ctx.feature_cache, ctx.model_id(), backbone, dataset, ctx.device, args.extract_batch_size,
+                            args.num_workers, n_blocks, name)
+
+    val_slots = frozen(val_set, "val")
     torch.manual_seed(args.seed)
     grid = LinearGrid(specs, backbone.embed_dim, len(train_set.classes), bn=args.bn_head).to(ctx.device)
     logger.info("training %d linear heads together for %d epochs on %d images (%d held out)%s", len(specs),
                 args.epochs, len(train_idx), len(hold_idx), ", augmented views" if args.augment else "")
-    if args.augment:
+    if args.augment:  # training sees augmented views: only the held-out images need frozen features
+        held_slots = frozen(Subset(train_set, hold_idx), "held-out") if hold_idx else None
         batches = augmented_batches(backbone, Path(train_set.root), train_idx, n_blocks, args, ctx.device)
     else:
-        train_slots, train_labels = slots["train"]
+        train_slots, train_labels = frozen(train_set, "train")
+        held_slots = (train_slots[hold_idx], train_labels[hold_idx]) if hold_idx else None
         batches = feature_batches(train_slots[train_idx], train_labels[train_idx], args.batch_size, args.seed,
                                   ctx.device)
     log_path = ctx.output_dir / "log.jsonl"
@@ -131,10 +135,9 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
     train_grid(grid, batches, args.epochs, args.batch_size, on_epoch)
 
-    val = evaluate_grid(grid, *(t.to(ctx.device) for t in slots["val"]))
-    if hold_idx:
-        train_slots, train_labels = slots["train"]
-        held = evaluate_grid(grid, train_slots[hold_idx].to(ctx.device), train_labels[hold_idx].to(ctx.device))
+    val = evaluate_grid(grid, *(t.to(ctx.device) for t in val_slots))
+    if held_slots is not None:
+        held = evaluate_grid(grid, *(t.to(ctx.device) for t in held_slots))
         chosen = select_head(held)
     else:
         logger.warning("--holdout-fraction 0: the head is selected on the validation set (optimistic)")

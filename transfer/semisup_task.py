@@ -110,13 +110,17 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     if args.protocol == "logreg":
         cs = parse_list(args.logreg_c, float, "--logreg-c")
         backbone = ctx.load_backbone().to(ctx.device).eval()
+        # only the labelled images are needed: 10 % of the training set, not all of it
+        labelled = sorted({i for part in parts for i in part["indices"]})
+        row = {image: r for r, image in enumerate(labelled)}
         feats = {}
-        for name, dataset in (("train", train_set), ("val", val_set)):
+        for name, dataset in (("train", Subset(train_set, labelled)), ("val", val_set)):
             slots, labels = cached_slots(ctx.feature_cache, ctx.model_id(), backbone, dataset, ctx.device,
                                          args.extract_batch_size, args.num_workers, 1, name)
             feats[name] = F.normalize(slots[:, 0], dim=1).numpy(), labels.numpy()
         for part in parts:
-            x, y = feats["train"][0][part["indices"]], feats["train"][1][part["indices"]]
+            rows = [row[i] for i in part["indices"]]
+            x, y = feats["train"][0][rows], feats["train"][1][rows]
             model, c, how = logistic_regression(x, y, cs, args.seed)
             res = topk_accuracy(model.predict_proba(feats["val"][0]), model.classes_, feats["val"][1])
             details.append({**{k: v for k, v in part.items() if k != "indices"}, "num_images": len(x), "C": c,
