@@ -6,6 +6,7 @@ argparse.Namespace), so they load with ``weights_only=True``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pickle
@@ -50,6 +51,16 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values: equal weights, equal digest (ranks, runs)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # Types third-party checkpoints pickle next to their tensors (DINO, MoCo v3, MAE and official BAM save

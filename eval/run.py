@@ -5,6 +5,8 @@
     python eval/run.py --task davis --predictions my_method/ --data /data/DAVIS   # score another method's PNGs
     python eval/run.py --task linear --checkpoint ckpt.pth --data /data/imagenet --cache-features
     python eval/run.py --task coco --checkpoint ckpt.pth --data /data/coco --preset vitdet_100ep
+    python eval/run.py --task knn --checkpoint ckpt.pth --launcher slurm --profile gpu-1   # a SLURM job
+    python eval/run.py --status outputs/knn                          # the jobs launched there and their states
     python eval/run.py --task TASK --help                            # one task's flags and their defaults
 
 Every run writes <output-dir>/results.json (task, metrics, checkpoint and its sha256, detected format, arch,
@@ -30,6 +32,8 @@ from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E4
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
 from eval.results import format_table, sha256, versions, write_results  # noqa: E402
+from slurm.launch import add_launch_arguments, launch  # noqa: E402
+from slurm.status import collect, format_status  # noqa: E402
 from transfer.features import FeatureCache  # noqa: E402
 from transfer.samples.cache import default_cache_dir  # noqa: E402
 
@@ -89,6 +93,7 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
                         help="frozen protocols (knn, linear, semisup logreg) keep their features in "
                              "<cache-dir>/features, keyed by checkpoint sha256, arch, image list and transform")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_launch_arguments(parser)
     for name in [task] if task else TASKS:
         module = task_module(name)
         module.add_arguments(parser.add_argument_group(f"--task {name}", module.HELP))
@@ -124,12 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task")
+    pre.add_argument("--status")
     known, _ = pre.parse_known_args(argv)
-    task = known.task if known.task in TASKS else None
-    args = get_args_parser(task).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if known.status:
+        try:
+            print(format_status(collect(known.status)))
+        except FileNotFoundError as e:
+            logger.error("%s", e)
+            return 2
+        return 0
+    task = known.task if known.task in TASKS else None
+    args = get_args_parser(task).parse_args(argv)
     try:
+        if args.launcher != "none":
+            return launch("eval", argv, args, args.output_dir or Path("outputs") / args.task)
         return run(args)
     except (ValueError, FileNotFoundError, UnsafeCheckpointError) as e:
         if args.debug:

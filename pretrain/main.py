@@ -3,6 +3,7 @@
     python pretrain/main.py                                             # a small ViT on the built-in sample, ~3 min CPU
     python pretrain/main.py --config pretrain/configs/vit_small.yaml --data /data/imagenet/train --output-dir runs/s16
     torchrun --nproc_per_node 8 pretrain/main.py --config pretrain/configs/vit_base.yaml --data ... --output-dir ...
+    python pretrain/main.py --config pretrain/configs/vit_base.yaml --data ... --launcher slurm --profile gpu-2x8
 
 --config only sets defaults; any flag overrides it (--key value, with - or _). The resolved config is written to
 <output-dir>/config.yaml. A run resumes by itself when <output-dir> holds a checkpoint.
@@ -24,6 +25,7 @@ from bam.backbones import ARCHS  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
 from pretrain.data import UnreadableImageError  # noqa: E402
 from pretrain.engine import NonFiniteLossError  # noqa: E402
+from slurm.launch import LAUNCH_DESTS, add_launch_arguments, launch  # noqa: E402
 
 logger = logging.getLogger("pretrain")
 
@@ -67,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def config_keys(parser: argparse.ArgumentParser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    return {a.dest for a in parser._actions if a.dest not in ("help", "config")} - LAUNCH_DESTS
 
 
 def get_args_parser() -> _Parser:
@@ -137,6 +139,7 @@ def get_args_parser() -> _Parser:
     p.add("wandb", type=bool_flag, default=False)
     p.add("deterministic", type=bool_flag, default=False, help="torch.use_deterministic_algorithms")
     p.add("debug", type=bool_flag, default=False, help="tracebacks instead of one-line errors")
+    add_launch_arguments(p)
     return p
 
 
@@ -158,12 +161,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from pretrain.trainer import train  # heavy imports after argument parsing
 
     try:
+        if args.launcher != "none":  # the same command line as a submitit job (it resumes by itself if requeued)
+            return launch("pretrain", argv, args, args.output_dir)
+        for key in LAUNCH_DESTS:  # not part of the recipe (config.yaml, checkpoints)
+            delattr(args, key)
         train(args)
     except (ValueError, FileNotFoundError, PermissionError, UnsafeCheckpointError, NonFiniteLossError) as e:
         if args.debug:

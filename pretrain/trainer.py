@@ -14,7 +14,15 @@ import yaml
 from torch.utils.data import DataLoader, Subset
 
 from bam.backbones import ARCHS, build_backbone
-from bam.checkpoint import FORMAT_TAG, FORMAT_VERSION, epoch_path, latest_path, load_file, save_atomic
+from bam.checkpoint import (
+    FORMAT_TAG,
+    FORMAT_VERSION,
+    epoch_path,
+    latest_path,
+    load_file,
+    save_atomic,
+    state_dict_sha256,
+)
 from bam.distributed import all_gather_rows, get_dist_info, init_distributed, is_dist
 from bam.ema import make_teacher
 from bam.loss import BAMLoss
@@ -252,7 +260,12 @@ def train(args: argparse.Namespace) -> dict:
     if knn_sets is not None and "after" not in history:
         history["after"] = knn("after training")
     monitor.close()
+    digests = [state_dict_sha256(student.state_dict())]
+    if is_dist():  # every rank must end with the same weights; a desynchronised DDP run is reported, not hidden
+        digests = [None] * info.world_size
+        torch.distributed.all_gather_object(digests, state_dict_sha256(student.state_dict()))
     results = {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs": args.epochs,
+               "world_size": info.world_size, "weights_sha256": digests[0], "ranks_agree": len(set(digests)) == 1,
                "knn_top1_before": history.get("before"), "knn_top1_after": history.get("after"), "knn": history,
                "data": {"root": str(root.resolve()), "builtin_sample": is_sample}, "config": vars(args),
                "versions": versions(), "seconds": round(time.time() - start, 1)}

@@ -42,11 +42,9 @@ def assert_one_line_error(main, argv, caplog, match):
     assert match in errors[0], errors[0]
 
 
-@pytest.fixture
-def digit_folders(tmp_path):
+def make_digit_folders(root):
     """A labelled ``train/`` + ``val/`` ImageFolder of scikit-learn digits 0-2 (12 + 4 per class, 32x32 RGB)."""
     digits = load_digits()
-    root = tmp_path / "digits"
     for split, sl in (("train", slice(0, 12)), ("val", slice(12, 16))):
         for label in range(3):
             (root / split / str(label)).mkdir(parents=True)
@@ -54,3 +52,8 @@ def digit_folders(tmp_path):
                 img = Image.fromarray((digits.images[i] * 15).astype(np.uint8)).resize((32, 32)).convert("RGB")
                 img.save(root / split / str(label) / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def digit_folders(tmp_path):
+    return make_digit_folders(tmp_path / "digits")

@@ -1,0 +1,291 @@
+"""One submit path for both front doors: the same command line, run by a submitit job.
+
+``python eval/run.py ... --launcher slurm`` and ``python pretrain/main.py ... --launcher slurm`` strip their launch
+flags and hand the rest of the command line to :class:`FrontDoorJob`, which submitit pickles and runs on the
+allocated nodes: it exports the rank, world size and master address from submitit's job environment (the
+distributed helpers then join NCCL on GPUs, gloo on CPUs) and calls the front door's ``main``. On preemption or a
+time limit, submitit calls :meth:`FrontDoorJob.checkpoint` and requeues the same call; the requeued job resumes
+from the file training writes (``bam.checkpoint.latest_path``), because both front doors resume from it by
+themselves. ``--launcher local`` runs the same job through submitit's local executor (a subprocess on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from bam.checkpoint import latest_path
+from slurm.profiles import FIELDS, Profile, load_profile
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("none", "local", "slurm", "debug")  # debug: submitit's in-process executor (tests, pdb)
+ENTRIES = {"eval": "eval.run", "pretrain": "pretrain.main"}
+JOB_RECORD = "job.json"
+
+
+class JobFailed(RuntimeError):
+    """A front door inside a job returned non-zero; the message is its last logged error."""
+
+
+# ---------------------------------------------------------------------------------------------- front-door flags
+
+# flag -> takes a value; the job's command line is the user's minus these
+LAUNCH_FLAGS = {"--launcher": True, "--profile": True, "--profile-file": True, "--partition": True,
+                "--account": True, "--qos": True, "--constraint": True, "--nodes": True, "--gpus-per-node": True,
+                "--tasks-per-node": True, "--cpus-per-task": True, "--mem-gb": True, "--time-min": True,
+                "--sbatch": True, "--sweep": True, "--wait": False}
+LAUNCH_DESTS = {flag[2:].replace("-", "_") for flag in LAUNCH_FLAGS}
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("launching", "run in this process (default), through submitit's local executor, "
+                                  "or as a SLURM job; resources come from a cluster profile (slurm/profiles.yaml)")
+    g.add_argument("--launcher", default="none", choices=LAUNCHERS,
+                   help="none: in this process; local: a submitit job on this machine; slurm: sbatch through submitit")
+    g.add_argument("--profile", default=None, help="cluster profile name (default: local with --launcher "
+                   "slurm: the one-node cluster of slurm/local_cluster.sh)")
+    g.add_argument("--profile-file", default=None, help="YAML file of your own profiles (also $BAM_SLURM_PROFILES)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--constraint", default=None)
+    g.add_argument("--nodes", type=int, default=None)
+    g.add_argument("--gpus-per-node", type=int, default=None)
+    g.add_argument("--tasks-per-node", type=int, default=None, help="processes per node (one per GPU for DDP)")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem-gb", type=float, default=None, help="memory per node")
+    g.add_argument("--time-min", type=int, default=None, help="time limit; the job is requeued when it is reached")
+    g.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
+                   help="extra sbatch option, repeatable (e.g. --sbatch exclusive=true --sbatch comment=bam)")
+    g.add_argument("--sweep", default=None, metavar="FLAG=V1,V2,...",
+                   help="a job array: one job per value of FLAG (e.g. --sweep fractions=0.01,0.1), each writing "
+                        "<output-dir>/<FLAG>=<V>")
+    g.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the job(s) and report their "
+                   "outcome (--launcher local always waits)")
+
+
+def strip_launch_flags(argv: list[str]) -> list[str]:
+    """The command line the job runs: ``argv`` without the launch flags (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = LAUNCH_FLAGS[name] and "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def parse_sbatch(pairs: list[str] | None) -> dict | None:
+    if not pairs:
+        return None
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--sbatch {pair!r}: expected KEY=VALUE (an sbatch long option without --)")
+        options[key.strip().lstrip("-")] = True if value.lower() == "true" else value
+    return options
+
+
+def parse_sweep(spec: str | None) -> tuple[str, list[str]] | None:
+    if spec is None:
+        return None
+    flag, sep, values = spec.partition("=")
+    items = [v for v in values.split(",") if v]
+    if not sep or not flag or not items:
+        raise ValueError(f"--sweep {spec!r}: expected FLAG=V1,V2,... (e.g. --sweep fractions=0.01,0.1)")
+    return flag.lstrip("-"), items
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    overrides = {f: getattr(args, f, None) for f in FIELDS - {"sbatch", "signal_delay_s", "max_num_timeout"}}
+    return load_profile(args.profile or "local", args.profile_file, sbatch=parse_sbatch(args.sbatch), **overrides)
+
+
+# ------------------------------------------------------------------------------------------------------- the job
+
+class _LastError(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+def argv_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line (last one wins, as argparse)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+@dataclass
+class FrontDoorJob:
+    """What submitit pickles: a front door (``eval`` or ``pretrain``) and its command line."""
+
+    entry: str
+    argv: list[str]
+
+    @property
+    def output_dir(self) -> Path | None:
+        value = argv_value(self.argv, "--output-dir")
+        return Path(value) if value else None
+
+    def __call__(self) -> dict:
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for bam.distributed
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        main = importlib.import_module(ENTRIES[self.entry]).main
+        # the front door's own basicConfig would be a no-op once a handler is on the root logger
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        errors = _LastError()
+        logging.getLogger().addHandler(errors)
+        try:
+            code = main(list(self.argv))
+        finally:
+            logging.getLogger().removeHandler(errors)
+        if code:
+            raise JobFailed(errors.message or f"{self.entry} exited with code {code}")
+        results_file = self.output_dir / "results.json" if self.output_dir else None
+        results = json.loads(results_file.read_text()) if results_file and results_file.is_file() else None
+        return {"rank": env.global_rank, "world_size": env.num_tasks, "job_id": env.job_id, "results": results}
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption or time-out: requeue the same command, which resumes by itself."""
+        latest = latest_path(self.output_dir) if self.output_dir else None
+        if latest is not None and latest.is_file():
+            logger.warning("requeueing; the job will resume from %s", latest)
+        else:
+            logger.warning("requeueing; no checkpoint yet, the job will start over")
+        return submitit.helpers.DelayedSubmission(FrontDoorJob(self.entry, list(self.argv)))
+
+
+# -------------------------------------------------------------------------------------------------- submitting
+
+def make_executor(launcher: str, folder: Path, profile: Profile, name: str,
+                  dependency: str | None = None) -> submitit.Executor:
+    if launcher not in ("local", "slurm", "debug"):
+        raise ValueError(f"--launcher {launcher!r}: expected one of local, slurm, debug")
+    executor = submitit.AutoExecutor(folder=folder, cluster=launcher, slurm_max_num_timeout=profile.max_num_timeout)
+    params = {"name": name, "timeout_min": profile.time_min, "nodes": profile.nodes,
+              "tasks_per_node": profile.tasks_per_node, "gpus_per_node": profile.gpus_per_node,
+              "cpus_per_task": profile.cpus_per_task}
+    if launcher == "slurm":
+        extra = dict(profile.sbatch)
+        if dependency:
+            extra["dependency"] = dependency
+        params.update(slurm_signal_delay_s=profile.signal_delay_s, slurm_additional_parameters=extra)
+        if profile.mem_gb:
+            params["mem_gb"] = profile.mem_gb
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(profile, key):
+                params[f"slurm_{key}"] = getattr(profile, key)
+    elif launcher == "local":
+        if profile.nodes > 1:
+            raise ValueError("--launcher local runs on this machine only: use --nodes 1 (or --launcher slurm)")
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(entry: str, argv: list[str], output_dir: str | os.PathLike, launcher: str, profile: Profile,
+           name: str | None = None, sweep: tuple[str, list[str]] | None = None,
+           dependency: str | None = None) -> list[submitit.Job]:
+    """Submit ``entry``'s command line ``argv`` as one job (or a job array over ``sweep``'s values).
+
+    ``output_dir`` is the job folder: submitit's logs go to ``<output_dir>/jobs``, the submission record to
+    ``<output_dir>/job.json`` and the front door writes its results and checkpoints there (an array element
+    writes ``<output_dir>/<flag>=<value>``). ``dependency`` is SLURM's (``afterok:12:13``).
+    """
+    if entry not in ENTRIES:
+        raise ValueError(f"unknown entry {entry!r}; known: {', '.join(ENTRIES)}")
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv = list(argv)
+    name = name or f"bam-{entry}"
+    if sweep is None:
+        calls = [(output_dir, FrontDoorJob(entry, argv + ["--output-dir", str(output_dir)]))]
+    else:
+        flag, values = sweep
+        calls = [(output_dir / f"{flag}={v}",
+                  FrontDoorJob(entry, argv + [f"--{flag.replace('_', '-')}", v,
+                                              "--output-dir", str(output_dir / f"{flag}={v}")]))
+                 for v in values]
+    executor = make_executor(launcher, output_dir / "jobs", profile, name, dependency)
+    try:
+        if len(calls) == 1:
+            jobs = [executor.submit(calls[0][1])]
+        else:
+            with executor.batch():  # a SLURM job array
+                pending = [executor.submit(job) for _, job in calls]
+            jobs = list(pending)
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused: say why in one line
+        lines = [line.removeprefix("sbatch: error:").strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"sbatch refused the job ({profile.describe()}): {lines[0] if lines else e}; "
+                         f"check --profile and its overrides (sinfo lists partitions)") from None
+    record = {"entry": entry, "launcher": launcher, "profile": profile.name, "resources": profile.describe(),
+              "dependency": dependency, "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "folder": str(executor.folder),
+              "jobs": [{"job_id": j.job_id, "output_dir": str(d), "argv": call.argv}
+                       for j, (d, call) in zip(jobs, calls)]}
+    (output_dir / JOB_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    for j, (d, _) in zip(jobs, calls):
+        logger.info("submitted %s job %s (%s): output %s, logs %s", launcher, j.job_id, profile.describe(), d,
+                    executor.folder)
+    return jobs
+
+
+def failure_message(error: BaseException) -> str:
+    """One line from a failed job: our JobFailed message, else the last line of the job's traceback."""
+    text = str(error)
+    found = re.findall(r"JobFailed: (.+)", text)
+    if found:
+        return found[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not set(line.strip()) <= {"-"}]
+    tb = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return (tb or lines or [type(error).__name__])[-1]
+
+
+def wait_for(jobs: list[submitit.Job]) -> list[str | None]:
+    """Wait for every job; ``None`` for a success, else the one-line reason it failed."""
+    outcomes: list[str | None] = []
+    for job in jobs:
+        try:
+            job.results()
+            outcomes.append(None)
+        except Exception as e:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
+            outcomes.append(f"job {job.job_id} failed: {failure_message(e)} (logs: {job.paths.stderr})")
+    return outcomes
+
+
+def launch(entry: str, argv: list[str], args: argparse.Namespace, output_dir: str | os.PathLike) -> int:
+    """The front doors' ``--launcher local|slurm``: submit, and wait when local (or ``--wait``)."""
+    profile = profile_from_args(args)
+    jobs = submit(entry, strip_launch_flags(argv), output_dir, args.launcher, profile, sweep=parse_sweep(args.sweep))
+    if args.launcher == "slurm" and not args.wait:
+        logger.info("see how they do: python eval/run.py --status %s", Path(output_dir).resolve())
+        return 0
+    failures = [f for f in wait_for(jobs) if f]
+    for f in failures:
+        logger.error("%s", f)
+    if not failures:
+        logger.info("%d job(s) finished; results in %s", len(jobs), Path(output_dir).resolve())
+    return 1 if failures else 0

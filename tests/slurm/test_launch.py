@@ -1,0 +1,134 @@
+"""The submit path without a cluster: submitit's debug (in-process) and local (subprocess) executors."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from bam.checkpoint import load_file
+from eval.run import main as eval_main
+from pretrain.main import main as pretrain_main
+from slurm.launch import FrontDoorJob, failure_message, parse_sweep, strip_launch_flags, submit, wait_for
+from slurm.profiles import load_profile
+from slurm.status import collect
+
+from ..conftest import assert_one_line_error
+from .conftest import tiny_args
+
+
+def test_the_job_runs_the_command_line_without_the_launch_flags():
+    argv = ["--task", "knn", "--launcher", "slurm", "--profile=gpu-1", "--wait", "--k", "5", "--sbatch",
+            "exclusive=true", "--nodes", "2", "--output-dir", "o"]
+    assert strip_launch_flags(argv) == ["--task", "knn", "--k", "5", "--output-dir", "o"]
+    assert parse_sweep("fractions=0.01,0.1") == ("fractions", ["0.01", "0.1"])
+    with pytest.raises(ValueError, match="expected FLAG=V1,V2"):
+        parse_sweep("fractions")
+
+
+def test_profiles_are_read_from_yaml_and_overridden_by_flags(tmp_path):
+    p = load_profile("gpu-2x8")
+    assert (p.nodes, p.gpus_per_node, p.tasks_per_node, p.world_size) == (2, 8, 8, 16)
+    q = load_profile("gpu-2x8", nodes=4, partition="big", sbatch={"exclusive": True}, time_min=None)
+    assert (q.nodes, q.partition, q.time_min, q.sbatch, q.world_size) == (4, "big", p.time_min, {"exclusive": True},
+                                                                         32)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("lab:\n  partition: a100\n  gpus_per_node: 4\n  tasks_per_node: 4\n")
+    assert load_profile("lab", mine).partition == "a100"
+    mine.write_text("lab:\n  partiton: a100\n")
+    with pytest.raises(ValueError, match="unknown fields \\['partiton'\\]"):
+        load_profile("lab", mine)
+
+
+def test_an_unknown_profile_is_one_line(knn_argv, tmp_path, caplog):
+    argv = [*knn_argv, "--output-dir", str(tmp_path), "--launcher", "local", "--profile", "gpu-9000"]
+    assert_one_line_error(eval_main, argv, caplog, "unknown --profile 'gpu-9000'; known: gpu-1, gpu-1x8")
+
+
+def test_an_eval_task_through_the_debug_executor_gives_the_in_process_numbers(knn_argv, tmp_path):
+    assert eval_main([*knn_argv, "--output-dir", str(tmp_path / "direct")]) == 0
+    assert eval_main([*knn_argv, "--output-dir", str(tmp_path / "job"), "--launcher", "debug"]) == 0
+    direct, job = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("direct", "job"))
+    assert job["metrics"] == direct["metrics"]
+    record = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert record["launcher"] == "debug" and "--launcher" not in record["jobs"][0]["argv"]
+
+
+def test_a_failing_job_reports_its_error_to_the_caller(knn_argv, tmp_path, caplog):
+    argv = [*knn_argv, "--k", "ten", "--output-dir", str(tmp_path), "--launcher", "local"]
+    caplog.clear()
+    assert eval_main(argv) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "--k 'ten' must be comma-separated integers" in errors[0], errors
+    assert [r["state"] for r in collect(tmp_path)] == ["FAILED"]
+
+
+def test_a_sweep_is_one_job_per_value(knn_argv, tmp_path):
+    assert eval_main([*knn_argv, "--output-dir", str(tmp_path), "--launcher", "local", "--sweep", "k=3,7"]) == 0
+    for k in (3, 7):
+        metrics = json.loads((tmp_path / f"k={k}" / "results.json").read_text())["metrics"]
+        assert set(metrics) == {f"top1_k{k}", f"top5_k{k}"}
+    rows = collect(tmp_path)
+    assert [(r["name"], r["state"]) for r in rows] == [("k=3", "COMPLETED"), ("k=7", "COMPLETED")]
+
+
+def test_two_tasks_train_with_ddp_and_end_with_the_weights_of_one_process(tiny_folder, tmp_path,
+                                                                          uninterrupted_pretrain):
+    out = tmp_path / "ddp"
+    argv = [*tiny_args(tiny_folder, out, batch_size_per_gpu=4, epochs=6), "--launcher", "local",
+            "--tasks-per-node", "2"]
+    assert pretrain_main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ranks_agree"]
+    ddp, single = load_file(out / "checkpoint.pth")["model"], load_file(uninterrupted_pretrain / "checkpoint.pth")
+    for k, v in single["model"].items():
+        assert torch.allclose(ddp[k], v, atol=1e-4), k
+
+
+def _task_pid(folder, timeout=60):
+    """The pid of the process submitit's local controller started for the job in ``folder``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-f", f"submitit.core._submit {folder}"], capture_output=True, text=True)
+        if found.stdout.split():
+            return int(found.stdout.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no job process for {folder}")
+
+
+def test_a_preempted_job_requeues_and_ends_with_the_weights_of_an_uninterrupted_run(tiny_folder, tmp_path,
+                                                                                    uninterrupted_pretrain):
+    out = tmp_path / "preempted"
+    jobs = submit("pretrain", tiny_args(tiny_folder, out, epochs=6), out, "local", load_profile("local"))
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    first = load_file(out / "checkpoint.pth")["epoch"]
+    os.kill(_task_pid(out / "jobs"), signal.SIGUSR2)  # what SLURM sends before preempting or at the time limit
+    assert wait_for(jobs) == [None]
+    log = (out / "jobs" / f"{jobs[0].job_id}_0_log.err").read_text()
+    assert first < 6 and "this job is preempted" in log and f"resuming from {out / 'checkpoint.pth'}" in log
+    a, b = load_file(uninterrupted_pretrain / "checkpoint.pth"), load_file(out / "checkpoint.pth")
+    assert b["epoch"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_the_job_resumes_from_the_file_training_writes(tmp_path, caplog):
+    job = FrontDoorJob("pretrain", ["--epochs", "2", "--output-dir", str(tmp_path)])
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    again = job.checkpoint()
+    assert again.function == job and again.function is not job
+    assert f"resume from {tmp_path / 'checkpoint.pth'}" in caplog.text
+
+
+def test_failure_message_is_the_jobs_last_error():
+    tb = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+          "last):\n  File \"x.py\", line 1\nslurm.launch.JobFailed: --k 'ten' must be comma-separated integers\n"
+          "----------------------\nYou can check full logs with 'job.stderr(0)'")
+    assert failure_message(RuntimeError(tb)) == "--k 'ten' must be comma-separated integers"
+    tb = tb.replace("slurm.launch.JobFailed: --k 'ten' must be comma-separated integers", "MemoryError: out of memory")
+    assert failure_message(RuntimeError(tb)) == "MemoryError: out of memory"
