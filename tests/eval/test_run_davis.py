@@ -10,26 +10,8 @@ from eval.results import sha256
 from eval.run import TASKS, main
 
 from ..conftest import assert_one_line_error
-from .davis_fixtures import moving_ellipses, write_sequence
 
 FAST = ["--short-side", "64", "--long-multiple", "32", "--no-overlays"]
-
-
-@pytest.fixture
-def davis_root(tmp_path):
-    root = tmp_path / "DAVIS"
-    rng = np.random.default_rng(0)
-    for name, n_obj in (("alpha", 1), ("beta", 2)):
-        labels = moving_ellipses(64, 96, 6, n_obj, rng)
-        write_sequence(root / "Annotations" / "480p", name, labels)
-        img_dir = root / "JPEGImages" / "480p" / name
-        img_dir.mkdir(parents=True)
-        for t, lab in enumerate(labels):
-            rgb = np.stack([lab * 80 + 40, 120 - lab * 30, 60 + lab * 50], -1).astype(np.uint8)
-            Image.fromarray(rgb).save(img_dir / f"{t:05d}.jpg")
-    (root / "ImageSets" / "2017").mkdir(parents=True)
-    (root / "ImageSets" / "2017" / "val.txt").write_text("alpha\nbeta\n")
-    return root
 
 
 def test_davis_end_to_end_with_a_checkpoint_then_scoring_its_predictions(davis_root, tiny_checkpoint, tmp_path):

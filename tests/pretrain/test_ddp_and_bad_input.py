@@ -16,8 +16,7 @@ from pretrain.main import main
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
 
-from ..conftest import assert_one_line_error
-from .conftest import tiny_args
+from ..conftest import assert_one_line_error, tiny_args
 
 W, B = 2, 4  # ranks, images per rank
 

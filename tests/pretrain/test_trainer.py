@@ -15,7 +15,7 @@ from bam.formats import load_backbone
 from pretrain.main import main, parse_args
 from pretrain.trainer import make_schedules
 
-from .conftest import tiny_args
+from ..conftest import tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,7 @@ from bam import build_backbone
 from bam.formats import backbone_checkpoint
 from pretrain.main import main as pretrain_main
 
-from ..conftest import TINY_VIT, make_digit_folders
-from ..pretrain.conftest import tiny_args, tiny_folder  # noqa: F401  (the tiny pretraining run and its images)
+from ..conftest import TINY_VIT, make_digit_folders, tiny_args
 
 LOCAL_CLUSTER_CONF = Path(os.environ.get("BAM_SLURM_DIR", "/var/tmp/bam-slurm")) / "slurm.conf"
 
@@ -43,7 +42,7 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_pretrain(tiny_folder, tmp_path_factory):  # noqa: F811
+def uninterrupted_pretrain(tiny_folder, tmp_path_factory):
     """The tiny pretraining run (6 epochs) in this process: what every launched variant must reproduce."""
     out = tmp_path_factory.mktemp("uninterrupted")
     assert pretrain_main(tiny_args(tiny_folder, out, epochs=6)) == 0
