@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from bam.checkpoint import load_file, save_atomic
+from bam.checkpoint import latest_path, load_file, save_atomic
 from bam.distributed import get_dist_info
 from eval.context import TaskContext
 from eval.options import resolve_defaults
@@ -149,7 +149,7 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
-    ckpt_path, start = output_dir / "checkpoint.pth", 0
+    ckpt_path, start = latest_path(output_dir), 0
     run_id = {**json.loads(json.dumps(run_id, default=str)), "world_size": info.world_size}
     if ckpt_path.is_file():
         state = load_file(ckpt_path)

@@ -56,6 +56,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         chunk = 4096 if backend == "faiss" else max(64, min(4096, 2**27 // train_features.shape[0]))
     search = _faiss_search if backend == "faiss" else _torch_search
     top1 = top5 = 0.0
+    per_class_hits = torch.zeros(num_classes, dtype=torch.long)
     for start, sim, idx in search(train_features, test_features, k, chunk):
         labels = test_labels[start:start + sim.shape[0]]
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=sim.dtype)
@@ -64,5 +65,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         hits = ranked == labels[:, None]
         top1 += hits[:, :1].sum().item()
         top5 += hits[:, :min(5, num_classes)].sum().item()
+        per_class_hits += torch.bincount(labels[hits[:, 0]].cpu(), minlength=num_classes)
     n = test_features.shape[0]
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+    per_class_n = torch.bincount(test_labels.cpu(), minlength=num_classes)
+    per_class = [100.0 * h / c if c else None for h, c in zip(per_class_hits.tolist(), per_class_n.tolist())]
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "per_class_top1": per_class}

@@ -42,10 +42,13 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         slots, labels = cached_slots(ctx.feature_cache, ctx.model_id(), backbone, dataset, ctx.device,
                                      args.batch_size, args.num_workers, 1, name)
         feats[name] = F.normalize(slots[:, 0].to(ctx.device), dim=1), labels.to(ctx.device)
-    metrics = {}
+    metrics, per_class = {}, {}
     for k in ks:
         res = knn_classify(*feats["train"], *feats["val"], k=k, temperature=args.knn_temperature,
                            num_classes=len(train_set.classes), backend=args.knn_backend)
         metrics[f"top1_k{k}"], metrics[f"top5_k{k}"] = res["top1"], res["top5"]
+        per_class[k] = dict(zip(train_set.classes, res["per_class_top1"]))
         logger.info("k=%d: top-1 %.2f%%, top-5 %.2f%%", k, res["top1"], res["top5"])
-    return {"metrics": metrics, "num_train": len(train_set), "num_val": len(val_set), "classes": train_set.classes}
+    shown = 20 if 20 in ks else ks[0]  # DINO's k
+    return {"metrics": metrics, "num_train": len(train_set), "num_val": len(val_set), "classes": train_set.classes,
+            "per_class_k": shown, "per_class_top1": per_class[shown]}

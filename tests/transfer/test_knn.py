@@ -29,6 +29,9 @@ def test_matches_a_naive_vote_for_any_test_size(n_test):
     want = _naive(train, train_y, test, 20, 0.07, 5)
     got = knn_classify(train, train_y, test, test_y, k=20, temperature=0.07, num_classes=5, chunk=4)
     assert got["top1"] == pytest.approx(100.0 * sum(p == int(y) for p, y in zip(want, test_y)) / n_test)
+    for c in range(5):
+        mine = [p == c for p, y in zip(want, test_y) if int(y) == c]
+        assert got["per_class_top1"][c] == (pytest.approx(100.0 * sum(mine) / len(mine)) if mine else None)
 
 
 def test_separable_clusters_give_100_percent():
@@ -37,4 +40,4 @@ def test_separable_clusters_give_100_percent():
     y = torch.arange(4).repeat(25)
     feats = F.normalize(centres[y] + 0.05 * torch.randn(100, 8, generator=g), dim=1)
     res = knn_classify(feats[:60], y[:60], feats[60:], y[60:], k=10)
-    assert res == {"top1": 100.0, "top5": 100.0}
+    assert res == {"top1": 100.0, "top5": 100.0, "per_class_top1": [100.0] * 4}
