@@ -7,6 +7,8 @@
     python eval/run.py --task coco --checkpoint ckpt.pth --data /data/coco --preset vitdet_100ep
     python eval/run.py --task knn --checkpoint ckpt.pth --launcher slurm --profile gpu-1   # a SLURM job
     python eval/run.py --status outputs/knn                          # the jobs launched there and their states
+    python eval/run.py --suite paper --dry-run                       # the paper's experiments as jobs, printed
+    python eval/run.py --suite all --checkpoint ckpt.pth             # every task, then a report card
     python eval/run.py --task TASK --help                            # one task's flags and their defaults
 
 Every run writes <output-dir>/results.json (task, metrics, checkpoint and its sha256, detected format, arch,
@@ -32,7 +34,8 @@ from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E4
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
 from eval.results import format_table, sha256, versions, write_results  # noqa: E402
-from slurm.launch import add_launch_arguments, launch  # noqa: E402
+from eval.suite import run_suite  # noqa: E402
+from slurm.launch import add_launch_arguments, check_in_process, launch  # noqa: E402
 from slurm.status import collect, format_status  # noqa: E402
 from transfer.features import FeatureCache  # noqa: E402
 from transfer.samples.cache import default_cache_dir  # noqa: E402
@@ -74,7 +77,21 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
                              epilog=f"tasks: {tasks}" + ("" if task else ". Tasks share some flag names; "
                                                           "'--task NAME --help' lists one task's flags and defaults"),
                              conflict_handler="error" if task else "resolve")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the downstream protocol to run")
+    parser.add_argument("--task", choices=sorted(TASKS), help="the downstream protocol to run")
+    suite = parser.add_argument_group("suites", "many runs as one plan: eval/suites/<name>.yaml (steps, their "
+                                      "dependencies and resources), then a table or a report card")
+    suite.add_argument("--suite", default=None, help="paper: every experiment of the paper, then paper_table.md/.csv; "
+                       "all: every task on --checkpoint, then report.md + plots; or a path to your own suite YAML")
+    suite.add_argument("--dry-run", action="store_true", help="print the suite's plan (jobs, resources, commands, "
+                       "dependencies) and submit nothing")
+    suite.add_argument("--only", default=None, help="comma-separated steps of the suite to run (their input "
+                       "checkpoints must exist)")
+    suite.add_argument("--dataset", action="append", default=None, metavar="NAME=DIR",
+                       help="a suite's data set folder, repeatable (e.g. --dataset imagenet=/data/imagenet)")
+    suite.add_argument("--render", action="store_true", help="only render the suite's table / report card from the "
+                       "results already in --output-dir")
+    suite.add_argument("--status", default=None, metavar="DIR",
+                       help="list the jobs launched under DIR (a run's or a suite's --output-dir) and their states")
     parser.add_argument("--checkpoint", default=None,
                         help="any checkpoint load_backbone reads (ours, official BAM, DINO, MoCo v3, MAE, iBOT, "
                              "DINOv2, timm, torchvision, SwAV); none: a random-init baseline of --arch")
@@ -141,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     task = known.task if known.task in TASKS else None
-    args = get_args_parser(task).parse_args(argv)
+    parser = get_args_parser(task)
+    args = parser.parse_args(argv)
+    if bool(args.task) == bool(args.suite):
+        parser.error("give one of --task NAME (one run) or --suite NAME (many)")
     try:
+        if args.suite:
+            return run_suite(args)
         if args.launcher != "none":
             return launch("eval", argv, args, args.output_dir or Path("outputs") / args.task)
+        check_in_process(args)
         return run(args)
     except (ValueError, FileNotFoundError, UnsafeCheckpointError) as e:
         if args.debug:

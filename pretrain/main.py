@@ -25,7 +25,7 @@ from bam.backbones import ARCHS  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
 from pretrain.data import UnreadableImageError  # noqa: E402
 from pretrain.engine import NonFiniteLossError  # noqa: E402
-from slurm.launch import LAUNCH_DESTS, add_launch_arguments, launch  # noqa: E402
+from slurm.launch import LAUNCH_DESTS, add_launch_arguments, check_in_process, launch  # noqa: E402
 
 logger = logging.getLogger("pretrain")
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.launcher != "none":  # the same command line as a submitit job (it resumes by itself if requeued)
             return launch("pretrain", argv, args, args.output_dir)
+        check_in_process(args)
         for key in LAUNCH_DESTS:  # not part of the recipe (config.yaml, checkpoints)
             delattr(args, key)
         train(args)

@@ -66,9 +66,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time-min", type=int, default=None, help="time limit; the job is requeued when it is reached")
     g.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
                    help="extra sbatch option, repeatable (e.g. --sbatch exclusive=true --sbatch comment=bam)")
-    g.add_argument("--sweep", default=None, metavar="FLAG=V1,V2,...",
+    g.add_argument("--sweep", action="append", default=None, metavar="FLAG=V1,V2,...",
                    help="a job array: one job per value of FLAG (e.g. --sweep fractions=0.01,0.1), each writing "
-                        "<output-dir>/<FLAG>=<V>")
+                        "<output-dir>/<FLAG>=<V>; repeated, the flags' values go together (the i-th of each)")
     g.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the job(s) and report their "
                    "outcome (--launcher local always waits)")
 
@@ -100,14 +100,29 @@ def parse_sbatch(pairs: list[str] | None) -> dict | None:
     return options
 
 
-def parse_sweep(spec: str | None) -> tuple[str, list[str]] | None:
-    if spec is None:
+Sweep = list[tuple[str, list[str]]]  # [(flag, values)], zipped: element i takes the i-th value of every flag
+
+
+def parse_sweep(specs: list[str] | None) -> Sweep | None:
+    if not specs:
         return None
-    flag, sep, values = spec.partition("=")
-    items = [v for v in values.split(",") if v]
-    if not sep or not flag or not items:
-        raise ValueError(f"--sweep {spec!r}: expected FLAG=V1,V2,... (e.g. --sweep fractions=0.01,0.1)")
-    return flag.lstrip("-"), items
+    sweep = []
+    for spec in specs:
+        flag, sep, values = spec.partition("=")
+        items = [v for v in values.split(",") if v]
+        if not sep or not flag or not items:
+            raise ValueError(f"--sweep {spec!r}: expected FLAG=V1,V2,... (e.g. --sweep fractions=0.01,0.1)")
+        sweep.append((flag.lstrip("-"), items))
+    if len({len(values) for _, values in sweep}) > 1:
+        raise ValueError(f"--sweep: the swept flags have different numbers of values ({specs}); they go together")
+    return sweep
+
+
+def sweep_elements(sweep: Sweep) -> list[tuple[str, list[str]]]:
+    """(sub-folder name, extra flags) of every array element; the folder is named by the first flag."""
+    first, values = sweep[0]
+    return [(f"{first}={values[i]}", [a for flag, vals in sweep for a in (f"--{flag.replace('_', '-')}", vals[i])])
+            for i in range(len(values))]
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
@@ -207,7 +222,7 @@ def make_executor(launcher: str, folder: Path, profile: Profile, name: str,
 
 
 def submit(entry: str, argv: list[str], output_dir: str | os.PathLike, launcher: str, profile: Profile,
-           name: str | None = None, sweep: tuple[str, list[str]] | None = None,
+           name: str | None = None, sweep: Sweep | None = None,
            dependency: str | None = None) -> list[submitit.Job]:
     """Submit ``entry``'s command line ``argv`` as one job (or a job array over ``sweep``'s values).
 
@@ -224,11 +239,8 @@ def submit(entry: str, argv: list[str], output_dir: str | os.PathLike, launcher:
     if sweep is None:
         calls = [(output_dir, FrontDoorJob(entry, argv + ["--output-dir", str(output_dir)]))]
     else:
-        flag, values = sweep
-        calls = [(output_dir / f"{flag}={v}",
-                  FrontDoorJob(entry, argv + [f"--{flag.replace('_', '-')}", v,
-                                              "--output-dir", str(output_dir / f"{flag}={v}")]))
-                 for v in values]
+        calls = [(output_dir / sub, FrontDoorJob(entry, argv + extra + ["--output-dir", str(output_dir / sub)]))
+                 for sub, extra in sweep_elements(sweep)]
     executor = make_executor(launcher, output_dir / "jobs", profile, name, dependency)
     try:
         if len(calls) == 1:
@@ -274,6 +286,14 @@ def wait_for(jobs: list[submitit.Job]) -> list[str | None]:
         except Exception as e:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
             outcomes.append(f"job {job.job_id} failed: {failure_message(e)} (logs: {job.paths.stderr})")
     return outcomes
+
+
+def check_in_process(args: argparse.Namespace) -> None:
+    """Launch flags that mean nothing without a launcher are an error, not silently ignored."""
+    if args.sweep:
+        raise ValueError("--sweep makes a job array: add --launcher local or --launcher slurm")
+    if args.wait:
+        raise ValueError("--wait waits for a submitted job: add --launcher slurm")
 
 
 def launch(entry: str, argv: list[str], args: argparse.Namespace, output_dir: str | os.PathLike) -> int:

@@ -93,6 +93,9 @@ up() {
     write_configs
     export SLURM_CONF=$CONF
     mkdir -p /run/munge /run/mysqld && chown munge:munge /run/munge && chown mysql:mysql /run/mysqld
+    if [ ! -f /etc/munge/munge.key ]; then
+        mungekey --create --keyfile=/etc/munge/munge.key && chown munge:munge /etc/munge/munge.key
+    fi
     if ! alive munged; then
         mkdir -p "$DIR/munge" && chown munge:munge "$DIR/munge"
         runuser -u munge -- munged --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --force

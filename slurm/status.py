@@ -57,6 +57,7 @@ def collect(root: str | os.PathLike) -> list[dict]:
 
 def format_status(rows: list[dict]) -> str:
     header = ("job", "id", "state", "results")
-    table = [header] + [(r["name"] or ".", r["job_id"], r["state"], r["results"] or "-") for r in rows]
+    table = [header] + [(r["name"] if r["name"] != "." else "(suite: table/report)", r["job_id"], r["state"],
+                         r["results"] or "-") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

@@ -12,21 +12,32 @@ import torch
 from bam.checkpoint import load_file
 from eval.run import main as eval_main
 from pretrain.main import main as pretrain_main
-from slurm.launch import FrontDoorJob, failure_message, parse_sweep, strip_launch_flags, submit, wait_for
+from slurm.launch import (
+    FrontDoorJob,
+    failure_message,
+    parse_sweep,
+    strip_launch_flags,
+    submit,
+    sweep_elements,
+    wait_for,
+)
 from slurm.profiles import load_profile
 from slurm.status import collect
 
-from ..conftest import assert_one_line_error
-from .conftest import tiny_args
+from ..conftest import assert_one_line_error, tiny_args
 
 
 def test_the_job_runs_the_command_line_without_the_launch_flags():
     argv = ["--task", "knn", "--launcher", "slurm", "--profile=gpu-1", "--wait", "--k", "5", "--sbatch",
             "exclusive=true", "--nodes", "2", "--output-dir", "o"]
     assert strip_launch_flags(argv) == ["--task", "knn", "--k", "5", "--output-dir", "o"]
-    assert parse_sweep("fractions=0.01,0.1") == ("fractions", ["0.01", "0.1"])
+    sweep = parse_sweep(["fractions=0.01,0.1", "split_file=1percent.txt,10percent.txt"])
+    assert sweep_elements(sweep) == [("fractions=0.01", ["--fractions", "0.01", "--split-file", "1percent.txt"]),
+                                     ("fractions=0.1", ["--fractions", "0.1", "--split-file", "10percent.txt"])]
     with pytest.raises(ValueError, match="expected FLAG=V1,V2"):
-        parse_sweep("fractions")
+        parse_sweep(["fractions"])
+    with pytest.raises(ValueError, match="different numbers of values"):
+        parse_sweep(["fractions=0.01,0.1", "split-file=a"])
 
 
 def test_profiles_are_read_from_yaml_and_overridden_by_flags(tmp_path):
@@ -132,3 +143,12 @@ def test_failure_message_is_the_jobs_last_error():
     assert failure_message(RuntimeError(tb)) == "--k 'ten' must be comma-separated integers"
     tb = tb.replace("slurm.launch.JobFailed: --k 'ten' must be comma-separated integers", "MemoryError: out of memory")
     assert failure_message(RuntimeError(tb)) == "MemoryError: out of memory"
+
+
+def test_launch_flags_without_a_launcher_and_status_of_nothing_are_one_line(knn_argv, tmp_path, caplog):
+    argv = [*knn_argv, "--output-dir", str(tmp_path)]
+    assert_one_line_error(eval_main, [*argv, "--sweep", "k=1,2"], caplog, "--sweep makes a job array: add --launcher")
+    assert_one_line_error(pretrain_main, [*tiny_args(tmp_path, tmp_path / "p"), "--wait"], caplog,
+                          "--wait waits for a submitted job")
+    assert_one_line_error(eval_main, ["--status", str(tmp_path / "nowhere")], caplog, "is not a folder")
+    assert_one_line_error(eval_main, ["--status", str(tmp_path)], caplog, "no job.json below it")

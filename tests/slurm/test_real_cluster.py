@@ -14,8 +14,8 @@ from slurm.launch import submit, wait_for
 from slurm.profiles import load_profile
 from slurm.status import collect
 
-from ..conftest import assert_one_line_error
-from .conftest import tiny_args
+from ..conftest import assert_one_line_error, tiny_args
+from ..eval.test_suite import small_suite
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -94,3 +94,22 @@ def test_a_partition_that_does_not_exist_is_sbatchs_error_in_one_line(knn_argv, 
     assert_one_line_error(eval_main, argv, caplog, "invalid partition")
     assert_one_line_error(pretrain_main, [*tiny_args(tmp_path, tmp_path / "p"), "--launcher", "slurm",
                                           "--partition", "nowhere"], caplog, "invalid partition")
+
+
+def test_a_suite_runs_evaluations_after_their_pretraining_and_renders_the_table(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "out"
+    assert eval_main(["--suite", str(small_suite(tmp_path, tiny_folder)), "--output-dir", str(out),
+                      "--launcher", "slurm"]) == 0
+    jobs = {r["name"]: r["job_id"] for r in collect(out)}
+    assert set(jobs) == {"pre", "knn", "."}  # ".": the job that renders the table
+    held = subprocess.run(["squeue", "-h", "-j", jobs["knn"], "-o", "%E"], capture_output=True, text=True).stdout
+    assert f"afterok:{jobs['pre']}" in held  # SLURM holds the evaluation until its pretraining succeeds
+    deadline = time.time() + 300
+    while time.time() < deadline and {r["state"] for r in collect(out)} != {"COMPLETED"}:
+        time.sleep(2)
+    assert {r["name"]: r["state"] for r in collect(out)} == {"pre": "COMPLETED", "knn": "COMPLETED", ".": "COMPLETED"}
+    knn = json.loads((out / "knn" / "results.json").read_text())
+    assert f"| tiny k-NN (k=5) | {knn['metrics']['top1_k5']:.1f} |" in (out / "paper_table.md").read_text()
+    assert eval_main(["--status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "(suite: table/report)" in status and f"{jobs['knn']}  COMPLETED" in status
