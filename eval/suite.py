@@ -124,8 +124,11 @@ def _argv(args: dict, values: dict[str, str | None], where: str, keep_unset: boo
 
 def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | None = None,
          checkpoint: str | None = None, only: list[str] | None = None, profile_file: str | None = None,
-         overrides: dict | None = None) -> list[Step]:
-    """The suite's steps, in an order where every step comes after the steps whose checkpoints it reads."""
+         overrides: dict | None = None, profile: str | None = None) -> list[Step]:
+    """The suite's steps, in an order where every step comes after the steps whose checkpoints it reads.
+
+    Each step's cluster profile is its own (``profile:`` in the file), or ``profile`` for every step when given,
+    with ``overrides`` (flag values; None = not given) on top."""
     output_dir = Path(output_dir).resolve()
     datasets = {**{k: (str(v) if v is not None else None) for k, v in (spec.get("datasets") or {}).items()},
                 **(datasets or {})}
@@ -165,10 +168,10 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
                 raise FileNotFoundError(f"{where}: checkpoint {input_ckpt} does not exist; check --checkpoint")
         if input_ckpt is not None:
             argv += ["--checkpoint", str(input_ckpt)]
-        profile = load_profile(s.get("profile", "local"), profile_file, **(overrides or {}))
+        step_profile = load_profile(profile or s.get("profile", "local"), profile_file, **(overrides or {}))
         sweep = parse_sweep([f"{flag}={','.join(_fill(str(v), values, where, True) for v in vals)}"
                              for flag, vals in s["sweep"].items()]) if s.get("sweep") else None
-        steps[name] = Step(name, entry, argv, output_dir / name, profile, needs, sweep, input_ckpt)
+        steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt)
     return list(steps.values())
 
 
@@ -256,8 +259,6 @@ def submit_steps(spec: dict, steps: list[Step], output_dir: Path, render_profile
 
 def run_suite(args: argparse.Namespace) -> int:
     """``eval/run.py --suite NAME``: plan, then print it (--dry-run), render (--render), or run / submit it."""
-    from slurm.launch import profile_from_args
-
     if args.sweep or args.wait:
         raise ValueError("--sweep and --wait apply to one run (--task); a suite's steps declare their own sweeps, "
                          "and --status follows a submitted suite")
@@ -268,7 +269,7 @@ def run_suite(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                                                "tasks_per_node", "cpus_per_task", "mem_gb", "time_min")}
     steps = plan(spec, output_dir, parse_datasets(args.dataset), args.checkpoint,
-                 [n for n in (args.only or "").split(",") if n] or None, args.profile_file, overrides)
+                 [n for n in (args.only or "").split(",") if n] or None, args.profile_file, overrides, args.profile)
     if args.dry_run:
         print(format_plan(spec, steps, args.launcher, output_dir))
         return 0
@@ -278,8 +279,10 @@ def run_suite(args: argparse.Namespace) -> int:
                          f"{', '.join(missing)}); --dry-run shows the plan without them")
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.launcher == "slurm":
-        ids = submit_steps(spec, steps, output_dir, profile_from_args(args).with_overrides(
-            gpus_per_node=0, tasks_per_node=1, nodes=1, cpus_per_task=1, time_min=30))
+        # the render job: where the last step runs (its partition and account, with the user's overrides), no GPU
+        render_profile = steps[-1].profile.with_overrides(gpus_per_node=0, tasks_per_node=1, nodes=1,
+                                                          cpus_per_task=1, mem_gb=4, time_min=30)
+        ids = submit_steps(spec, steps, output_dir, render_profile)
         logger.info("suite %s: submitted %d jobs (%s); follow them: python eval/run.py --status %s", spec["name"],
                     len(ids), " ".join(f"{k}={v}" for k, v in ids.items()), output_dir)
         return 0

@@ -80,7 +80,7 @@ CONF
     fi
 }
 
-alive() { [ -f "$DIR/run/$1.pid" ] && kill -0 "$(cat "$DIR/run/$1.pid")" 2>/dev/null; }
+alive() { kill -0 "$(cat "$DIR/run/$1.pid" 2>/dev/null)" 2>/dev/null; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local seconds=$1 what=$2; shift 2

@@ -31,6 +31,8 @@ def test_the_paper_plan_pretrains_then_evaluates_each_checkpoint(tmp_path):
                                                ("split_file", ["/data/in1k/1percent.txt", "/data/in1k/10percent.txt"])]
     overridden = plan(load_suite("paper"), tmp_path, data, overrides={"partition": "a100", "account": "lab"})
     assert {(s.profile.partition, s.profile.account) for s in overridden} == {("a100", "lab")}
+    one = plan(load_suite("paper"), tmp_path, data, profile="gpu-1x8", overrides={"nodes": 2})
+    assert {(s.profile.name, s.profile.world_size) for s in one} == {("gpu-1x8", 16)}
 
 
 def test_the_dry_run_prints_jobs_resources_commands_and_dependencies(tmp_path, capsys):

@@ -20,9 +20,15 @@ from ..eval.test_suite import small_suite
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 
-def _sacct(job_id: str, field: str, *flags: str) -> str:
-    return subprocess.run(["sacct", "-n", "-X", "-P", *flags, "-j", job_id, "-o", field], capture_output=True,
-                          text=True).stdout.strip()
+def _sacct(job_id: str, field: str, *flags: str, lines: int = 1) -> str:
+    """SLURM's accounting record of a job (slurmctld sends it to slurmdbd a moment after the job changes)."""
+    deadline = time.time() + 60
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", *flags, "-j", job_id, "-o", field], capture_output=True,
+                             text=True).stdout.strip()
+        if len(out.split()) >= lines or time.time() > deadline:
+            return out
+        time.sleep(1)
 
 
 def test_an_eval_task_runs_as_a_slurm_job(knn_argv, tmp_path):
@@ -72,7 +78,7 @@ def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folde
     assert wait_for(jobs) == [None]
     log = jobs[0].stderr() or ""
     assert first < 6 and "this job is preempted" in log and f"resuming from {out / 'checkpoint.pth'}" in log
-    states = _sacct(jobs[0].job_id, "State", "--duplicates").split()  # SLURM's record: two runs, the first requeued
+    states = _sacct(jobs[0].job_id, "State", "--duplicates", lines=2).split()  # two runs, the first requeued
     assert len(states) == 2 and states[0] == "REQUEUED", states
     a, b = load_file(uninterrupted_pretrain / "checkpoint.pth"), load_file(out / "checkpoint.pth")
     assert b["epoch"] == 6
