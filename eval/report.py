@@ -45,6 +45,13 @@ def headline(results: dict) -> tuple[str, float] | None:
     return (keys[0], TO_PERCENT.get(results["task"], 1.0) * float(metrics[keys[0]])) if keys else None
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _metrics_plot(results: dict[str, dict | None], path: Path) -> Path | None:
     bars = [(f"{name}\n{h[0]}", h[1]) for name, r in results.items() if r and (h := headline(r))]
     if not bars:
@@ -56,10 +63,7 @@ def _metrics_plot(results: dict[str, dict | None], path: Path) -> Path | None:
     ax.set_xticks(range(len(bars)), [n for n, _ in bars], fontsize=7)
     ax.set_ylabel("percent (DAVIS: J&F x 100)")
     ax.set_title("headline metric per task")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _curves_plot(log: Path, path: Path) -> Path | None:
@@ -75,10 +79,7 @@ def _curves_plot(log: Path, path: Path) -> Path | None:
     b.set_xlabel("step")
     b.set_ylabel("learning rate")
     fig.suptitle(f"pretraining ({log})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _overlays_plot(folder: Path, path: Path, most: int = 3) -> Path | None:
@@ -93,10 +94,7 @@ def _overlays_plot(folder: Path, path: Path, most: int = 3) -> Path | None:
         ax.imshow(image)
         ax.set_title(f"{path_.stem}: ground truth (left), prediction (right)", fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _per_class_plot(results: dict, path: Path) -> Path | None:
@@ -108,10 +106,7 @@ def _per_class_plot(results: dict, path: Path) -> Path | None:
     ax.set_xticks(range(len(per_class)), list(per_class), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(f"k-NN top-1 (k={results.get('per_class_k')}), percent")
     ax.set_ylim(0, 100)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _fmt(v) -> str:

@@ -5,9 +5,9 @@ A suite file lists steps. A step runs one front door (``task: knn`` for ``eval/r
 value is a dataset folder (``datasets:`` in the file, ``--dataset name=DIR`` on the command line),
 ``{checkpoint}`` (the suite's ``--checkpoint``) or ``{repo}`` (this checkout). ``checkpoint: STEP`` evaluates the
 checkpoint that step writes (``bam.checkpoint.latest_path`` of its folder) and makes the step wait for it (SLURM
-``afterok``). ``profile`` names the cluster profile of its SLURM job, ``sweep: {flag: [values]}`` makes it a job
-array. After the steps, the suite renders ``table:`` rows (measured vs published) and, with ``report: true``, a
-report card.
+``afterok``). ``profile`` names the cluster profile of its SLURM job (``resources: {field: value}`` changes some of
+its fields for this step), ``sweep: {flag: [values]}`` makes it a job array. After the steps, the suite renders
+``table:`` rows (measured vs published) and, with ``report: true``, a report card.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SUITES_DIR = Path(__file__).with_name("suites")
 REPO = Path(__file__).resolve().parents[1]
 FRONT_DOORS = {"eval": "eval/run.py", "pretrain": "pretrain/main.py"}
-STEP_KEYS = {"task", "entry", "args", "checkpoint", "profile", "sweep"}
+STEP_KEYS = {"task", "entry", "args", "checkpoint", "profile", "resources", "sweep"}
 SUITE_KEYS = {"description", "datasets", "datasets_required", "steps", "table", "report"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -168,7 +168,11 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
                 raise FileNotFoundError(f"{where}: checkpoint {input_ckpt} does not exist; check --checkpoint")
         if input_ckpt is not None:
             argv += ["--checkpoint", str(input_ckpt)]
-        step_profile = load_profile(profile or s.get("profile", "local"), profile_file, **(overrides or {}))
+        try:  # the profile's fields < the step's resources < the flags
+            step_profile = load_profile(profile or s.get("profile", "local"), profile_file).with_overrides(
+                **(s.get("resources") or {})).with_overrides(**(overrides or {}))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         sweep = parse_sweep([f"{flag}={','.join(_fill(str(v), values, where, True) for v in vals)}"
                              for flag, vals in s["sweep"].items()]) if s.get("sweep") else None
         steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt)
