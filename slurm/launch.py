@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,9 @@ def make_executor(launcher: str, folder: Path, profile: Profile, name: str,
                   dependency: str | None = None) -> submitit.Executor:
     if launcher not in ("local", "slurm", "debug"):
         raise ValueError(f"--launcher {launcher!r}: expected one of local, slurm, debug")
+    if launcher == "slurm" and not shutil.which("sbatch"):
+        raise ValueError("--launcher slurm needs sbatch on PATH (a SLURM login node, or slurm/local_cluster.sh up "
+                         "here); --launcher local runs the same job on this machine")
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher, slurm_max_num_timeout=profile.max_num_timeout)
     params = {"name": name, "timeout_min": profile.time_min, "nodes": profile.nodes,
               "tasks_per_node": profile.tasks_per_node, "gpus_per_node": profile.gpus_per_node,

@@ -54,9 +54,12 @@ def test_profiles_are_read_from_yaml_and_overridden_by_flags(tmp_path):
         load_profile("lab", mine)
 
 
-def test_an_unknown_profile_is_one_line(knn_argv, tmp_path, caplog):
+def test_an_unknown_profile_or_no_sbatch_is_one_line(knn_argv, tmp_path, caplog, monkeypatch):
     argv = [*knn_argv, "--output-dir", str(tmp_path), "--launcher", "local", "--profile", "gpu-9000"]
     assert_one_line_error(eval_main, argv, caplog, "unknown --profile 'gpu-9000'; known: gpu-1, gpu-1x8")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without SLURM's commands
+    assert_one_line_error(eval_main, [*knn_argv, "--output-dir", str(tmp_path), "--launcher", "slurm"], caplog,
+                          "--launcher slurm needs sbatch on PATH")
 
 
 def test_an_eval_task_through_the_debug_executor_gives_the_in_process_numbers(knn_argv, tmp_path):
