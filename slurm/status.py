@@ -45,7 +45,10 @@ def collect(root: str | os.PathLike) -> list[dict]:
         for job in record["jobs"]:
             out = Path(job["output_dir"])
             results = out / "results.json"
-            rows.append({"name": str(out.relative_to(root)) if out.is_relative_to(root) else str(out),
+            name = str(out.relative_to(root)) if out.is_relative_to(root) else str(out)
+            if name == ".":  # the run launched at root itself, or a suite's table / report job
+                name = "(suite table / report)" if "--render" in job["argv"] else root.resolve().name
+            rows.append({"name": name,
                          "job_id": job["job_id"], "launcher": record["launcher"],
                          "state": job_state(record["folder"], job["job_id"], record["launcher"]),
                          "resources": record["resources"], "dependency": record.get("dependency"),
@@ -57,7 +60,6 @@ def collect(root: str | os.PathLike) -> list[dict]:
 
 def format_status(rows: list[dict]) -> str:
     header = ("job", "id", "state", "results")
-    table = [header] + [(r["name"] if r["name"] != "." else "(suite: table/report)", r["job_id"], r["state"],
-                         r["results"] or "-") for r in rows]
+    table = [header] + [(r["name"], r["job_id"], r["state"], r["results"] or "-") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

@@ -107,15 +107,15 @@ def test_a_suite_runs_evaluations_after_their_pretraining_and_renders_the_table(
     assert eval_main(["--suite", str(small_suite(tmp_path, tiny_folder)), "--output-dir", str(out),
                       "--launcher", "slurm"]) == 0
     jobs = {r["name"]: r["job_id"] for r in collect(out)}
-    assert set(jobs) == {"pre", "knn", "."}  # ".": the job that renders the table
+    assert set(jobs) == {"pre", "knn", "(suite table / report)"}
     held = subprocess.run(["squeue", "-h", "-j", jobs["knn"], "-o", "%E"], capture_output=True, text=True).stdout
     assert f"afterok:{jobs['pre']}" in held  # SLURM holds the evaluation until its pretraining succeeds
     deadline = time.time() + 300
     while time.time() < deadline and {r["state"] for r in collect(out)} != {"COMPLETED"}:
         time.sleep(2)
-    assert {r["name"]: r["state"] for r in collect(out)} == {"pre": "COMPLETED", "knn": "COMPLETED", ".": "COMPLETED"}
+    assert {r["state"] for r in collect(out)} == {"COMPLETED"}
     knn = json.loads((out / "knn" / "results.json").read_text())
     assert f"| tiny k-NN (k=5) | {knn['metrics']['top1_k5']:.1f} |" in (out / "paper_table.md").read_text()
     assert eval_main(["--status", str(out)]) == 0
     status = capsys.readouterr().out
-    assert "(suite: table/report)" in status and f"{jobs['knn']}  COMPLETED" in status
+    assert "(suite table / report)" in status and f"{jobs['knn']}  COMPLETED" in status
