@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 
+from eval.paper_table import table_rows
 from eval.run import main
 from eval.suite import load_suite, plan
 
@@ -149,3 +150,15 @@ def test_the_report_card_has_every_tasks_metrics_and_its_plots(tmp_path, tiny_fo
     assert str(ckpt) in report and knn["per_class_top1"].keys() == {"0", "1", "2"}
     for png in ("metrics.png", "curves.png", "davis_overlays.png", "per_class.png"):
         assert (out / png).stat().st_size > 5000 and f"]({png})" in report, png
+
+
+def test_table_rows_scale_davis_fractions_to_percent(tmp_path):
+    (tmp_path / "davis_s").mkdir()
+    (tmp_path / "davis_s" / "results.json").write_text(json.dumps({"metrics": {"J&F-Mean": 0.617}}))
+    spec = {"name": "t", "table": [{"label": "J&F", "step": "davis_s", "metric": "J&F-Mean", "scale": 100,
+                                    "published": 61.8, "source": "s"},
+                                   {"label": "missing", "step": "knn_s", "metric": "top1_k20"}]}
+    rows = table_rows(spec, tmp_path)
+    assert rows[0]["measured"] == pytest.approx(61.7) and rows[0]["results"] == "davis_s/results.json"
+    assert rows[1]["measured"] is None and rows[1]["results"] == "no knn_s/results.json yet (see --status)"
+    assert all(r.get("scale") == 100 for r in load_suite("paper")["table"] if r.get("metric") == "J&F-Mean")
