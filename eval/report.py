@@ -83,16 +83,17 @@ def _curves_plot(log: Path, path: Path) -> Path | None:
 
 
 def _overlays_plot(folder: Path, path: Path, most: int = 3) -> Path | None:
-    images = [Image.open(p) for p in sorted(folder.glob("*.png"))[:most]]
+    paths = sorted(folder.glob("*.png"))[:most]
+    images = [Image.open(p) for p in paths]
     if not images:
         return None
     width = 9.0
     heights = [width * im.height / im.width for im in images]
     fig, axes = plt.subplots(len(images), 1, figsize=(width, sum(heights) + 0.4 * len(images)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    for ax, image, path_ in zip(axes[:, 0], images, sorted(folder.glob("*.png"))):
+    for ax, image, source in zip(axes[:, 0], images, paths):
         ax.imshow(image)
-        ax.set_title(f"{path_.stem}: ground truth (left), prediction (right)", fontsize=8)
+        ax.set_title(f"{source.stem}: ground truth (left), prediction (right)", fontsize=8)
         ax.axis("off")
     return _save(fig, path)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from bam.checkpoint import latest_path
-from slurm.launch import ENTRIES, Sweep, parse_sweep, submit, wait_for
+from slurm.launch import ENTRIES, Sweep, parse_sweep, profile_overrides, submit, wait_for
 from slurm.profiles import Profile, load_profile
 
 logger = logging.getLogger(__name__)
@@ -270,8 +270,7 @@ def run_suite(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or Path("outputs") / f"suite-{spec['name']}").resolve()
     if args.render:
         return render(spec, output_dir, args.checkpoint)
-    overrides = {k: getattr(args, k) for k in ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
-                                               "tasks_per_node", "cpus_per_task", "mem_gb", "time_min")}
+    overrides = profile_overrides(args)
     steps = plan(spec, output_dir, parse_datasets(args.dataset), args.checkpoint,
                  [n for n in (args.only or "").split(",") if n] or None, args.profile_file, overrides, args.profile)
     if args.dry_run:

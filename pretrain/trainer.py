@@ -262,8 +262,8 @@ def train(args: argparse.Namespace) -> dict:
     monitor.close()
     digests = [state_dict_sha256(student.state_dict())]
     if is_dist():  # every rank must end with the same weights; a desynchronised DDP run is reported, not hidden
-        digests = [None] * info.world_size
-        torch.distributed.all_gather_object(digests, state_dict_sha256(student.state_dict()))
+        mine, digests = digests[0], [None] * info.world_size
+        torch.distributed.all_gather_object(digests, mine)
     results = {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs": args.epochs,
                "world_size": info.world_size, "weights_sha256": digests[0], "ranks_agree": len(set(digests)) == 1,
                "knn_top1_before": history.get("before"), "knn_top1_after": history.get("after"), "knn": history,

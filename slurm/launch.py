@@ -126,9 +126,14 @@ def sweep_elements(sweep: Sweep) -> list[tuple[str, list[str]]]:
             for i in range(len(values))]
 
 
+def profile_overrides(args: argparse.Namespace) -> dict:
+    """The resource flags as profile fields (None where a flag was not given)."""
+    fields = {f: getattr(args, f, None) for f in FIELDS - {"sbatch", "signal_delay_s", "max_num_timeout"}}
+    return {**fields, "sbatch": parse_sbatch(args.sbatch)}
+
+
 def profile_from_args(args: argparse.Namespace) -> Profile:
-    overrides = {f: getattr(args, f, None) for f in FIELDS - {"sbatch", "signal_delay_s", "max_num_timeout"}}
-    return load_profile(args.profile or "local", args.profile_file, sbatch=parse_sbatch(args.sbatch), **overrides)
+    return load_profile(args.profile or "local", args.profile_file, **profile_overrides(args))
 
 
 # ------------------------------------------------------------------------------------------------------- the job
@@ -142,28 +147,13 @@ class _LastError(logging.Handler):
         self.message = record.getMessage()
 
 
-def argv_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in a command line (last one wins, as argparse)."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
 @dataclass
 class FrontDoorJob:
-    """What submitit pickles: a front door (``eval`` or ``pretrain``) and its command line."""
+    """What submitit pickles: a front door (``eval`` or ``pretrain``), its command line and its output folder."""
 
     entry: str
     argv: list[str]
-
-    @property
-    def output_dir(self) -> Path | None:
-        value = argv_value(self.argv, "--output-dir")
-        return Path(value) if value else None
+    output_dir: Path | None = None  # where the command writes results.json and checkpoint.pth (its --output-dir)
 
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
@@ -192,7 +182,7 @@ class FrontDoorJob:
             logger.warning("requeueing; the job will resume from %s", latest)
         else:
             logger.warning("requeueing; no checkpoint yet, the job will start over")
-        return submitit.helpers.DelayedSubmission(FrontDoorJob(self.entry, list(self.argv)))
+        return submitit.helpers.DelayedSubmission(FrontDoorJob(self.entry, list(self.argv), self.output_dir))
 
 
 # -------------------------------------------------------------------------------------------------- submitting
@@ -241,9 +231,10 @@ def submit(entry: str, argv: list[str], output_dir: str | os.PathLike, launcher:
     argv = list(argv)
     name = name or f"bam-{entry}"
     if sweep is None:
-        calls = [(output_dir, FrontDoorJob(entry, argv + ["--output-dir", str(output_dir)]))]
+        calls = [(output_dir, FrontDoorJob(entry, argv + ["--output-dir", str(output_dir)], output_dir))]
     else:
-        calls = [(output_dir / sub, FrontDoorJob(entry, argv + extra + ["--output-dir", str(output_dir / sub)]))
+        calls = [(output_dir / sub,
+                  FrontDoorJob(entry, argv + extra + ["--output-dir", str(output_dir / sub)], output_dir / sub))
                  for sub, extra in sweep_elements(sweep)]
     executor = make_executor(launcher, output_dir / "jobs", profile, name, dependency)
     try:

@@ -79,11 +79,11 @@ def small_suite(tmp_path, tiny_folder, fail_pretrain=False):
 def test_a_small_suites_dry_run_has_its_dependencies_and_resources(tmp_path, tiny_folder, capsys):
     suite, out = small_suite(tmp_path, tiny_folder), tmp_path / "out"
     assert main(["--suite", str(suite), "--output-dir", str(out), "--dry-run", "--launcher", "slurm",
-                 "--partition", "short", "--time-min", "15"]) == 0
+                 "--partition", "short", "--time-min", "15", "--sbatch", "comment=bam"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("suite small") and "2 steps, launcher slurm" in lines[0]
     assert lines[1].startswith("  pre  [local: partition=short nodes=1 tasks/node=1 gpus/node=0 cpus/task=1")
-    assert "time=15min]  after: -" in lines[1] and lines[2].strip().startswith("python pretrain/main.py")
+    assert "time=15min --comment=bam]  after: -" in lines[1] and lines[2].strip().startswith("python pretrain/main.py")
     assert lines[3].startswith("  knn  [local: partition=short") and lines[3].endswith("after: afterok:pre")
     assert lines[4].strip() == (f"python eval/run.py --task knn --data {tmp_path / 'digits'} --image-size 32 --k 5,20 "
                                 f"--num-workers 0 --checkpoint {out / 'pre' / 'checkpoint.pth'} "

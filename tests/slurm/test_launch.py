@@ -132,7 +132,7 @@ def test_a_preempted_job_requeues_and_ends_with_the_weights_of_an_uninterrupted_
 
 
 def test_the_job_resumes_from_the_file_training_writes(tmp_path, caplog):
-    job = FrontDoorJob("pretrain", ["--epochs", "2", "--output-dir", str(tmp_path)])
+    job = FrontDoorJob("pretrain", ["--epochs", "2", "--output-dir", str(tmp_path)], tmp_path)
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     again = job.checkpoint()
     assert again.function == job and again.function is not job
