@@ -192,9 +192,6 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if dist_info.rank == 0:
-        (output_dir / "results.json").unlink(missing_ok=True)  # a failed run must not leave old results looking new
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.data:
         data_root, is_sample = Path(args.data), False
@@ -203,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         data_root, is_sample = module.builtin_sample(cache), True
         logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
+    # validated before the first byte is written: a failed run leaves an earlier results.json as it was
+    output_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {"checkpoint": None, "checkpoint_sha256": None, "checkpoint_format": None, "random_init": None,
                   "arch": None}
     ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info), info,

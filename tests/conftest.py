@@ -1,4 +1,6 @@
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,34 @@ def tiny_checkpoint(tmp_path, tiny_vit):
 @pytest.fixture(autouse=True)
 def _capture_info_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+def _working_dir_state(root: Path) -> dict[str, tuple[int, int]]:
+    """The working folder's visible entries (files with size and mtime) and every file under its outputs/."""
+    state = {}
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        st = entry.stat()
+        state[entry.name] = (st.st_size, st.st_mtime_ns) if entry.is_file() else (0, 0)
+    if (root / "outputs").is_dir():
+        for dirpath, _, files in os.walk(root / "outputs"):
+            for name in files:
+                st = os.stat(os.path.join(dirpath, name))
+                state[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _never_touch_the_working_dir():
+    """A test writes only below its temporary folders: a user's outputs/ (the README's first command) must survive
+    the test suite run from the same folder."""
+    root = Path.cwd()
+    before = _working_dir_state(root)
+    yield
+    after = _working_dir_state(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test wrote into the working folder {root}: {changed[:5]}"
 
 
 def assert_one_line_error(main, argv, caplog, match):

@@ -61,6 +61,9 @@ def _fails(argv, caplog, match):
 def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):
     out = tmp_path / "out"
     base = ["--task", "davis", "--data", str(davis_root), "--output-dir", str(out), *FAST]
+    out.mkdir()
+    earlier = '{"task": "davis", "metrics": {"J&F-Mean": 0.5}}\n'
+    (out / "results.json").write_text(earlier)  # a good earlier result: no failed run may touch it
     (davis_root / "Annotations/480p/beta/00000.png").rename(davis_root / "gt0.png")
     _fails(base, caplog, "beta/00000.png: the first-frame annotation of beta is missing")
     (davis_root / "gt0.png").rename(davis_root / "Annotations/480p/beta/00000.png")
@@ -73,7 +76,7 @@ def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):
 
     (davis_root / "ImageSets/2017/val.txt").write_text("alpha\nbeta\ngamma\n")
     _fails(base, caplog, "gamma: no frames (*.jpg) for sequence gamma")
-    assert not (out / "results.json").exists()
+    assert (out / "results.json").read_text() == earlier
     (davis_root / "ImageSets/2017/val.txt").write_text("alpha\nbeta\n")
 
     _fails([*base, "--predictions", str(tmp_path / "nowhere")], caplog, "is not a folder")
@@ -81,6 +84,7 @@ def test_bad_input_gives_one_line_and_no_results(davis_root, tmp_path, caplog):
         _fails([*base, "--device", "cuda"], caplog, "--device cuda was asked for but CUDA is not available")
     _fails([*base, "--checkpoint", str(tmp_path / "missing.pth")], caplog, "missing.pth does not exist")
     _fails(["--task", "davis", "--data", str(tmp_path / "nope")], caplog, "is not a folder")
+    assert (out / "results.json").read_text() == earlier
 
 
 def test_unknown_task_and_flag_name_the_valid_ones(capsys):
