@@ -117,7 +117,8 @@ def get_args_parser() -> _Parser:
     # optimisation
     p.add("optimizer", default="adamw", choices=["adamw", "sgd", "lars"])
     p.add("lr", type=float, default=3e-4, help="peak learning rate per 256 images (scaled by the global batch)")
-    p.add("min_lr_scale", type=float, default=1e-3, help="final lr = min_lr_scale x peak lr")
+    p.add("min_lr", type=float, default=1e-6, help="final lr of the cosine schedule, an absolute value as in the "
+          "official main_pretrain.py (not scaled by the batch; official recipes: 1e-3)")
     p.add("warmup_epochs", type=float, default=2)
     p.add("epochs", type=int, default=16)
     p.add("weight_decay", type=float, default=0.04)

@@ -94,8 +94,12 @@ def validate(args: argparse.Namespace) -> None:
 
 def make_schedules(args: argparse.Namespace, steps: int, global_batch: int) -> Schedules:
     peak = args.lr * global_batch / 256
+    if args.min_lr > peak:
+        logger.warning("--min-lr %g is above the peak lr %g of a global batch of %d: the cosine schedule rises after "
+                       "the warm-up (the official recipes' 1e-3 assumes a global batch of 4096)", args.min_lr, peak,
+                       global_batch)
     return Schedules(
-        lr=cosine_schedule(peak, peak * args.min_lr_scale, args.epochs, steps, args.warmup_epochs),
+        lr=cosine_schedule(peak, args.min_lr, args.epochs, steps, args.warmup_epochs),
         wd=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps),
         momentum=cosine_schedule(args.teacher_momentum, 1.0, args.epochs, steps),
         reg=linear_warmup_constant(args.reg if args.reg_start is None else args.reg_start, args.reg, args.epochs,

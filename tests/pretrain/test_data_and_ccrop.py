@@ -60,16 +60,10 @@ def test_cls_attention_is_a_distribution_over_tokens_per_head():
         cls_attention(build_backbone("resnet18"), torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["vit_small", "vit_base", "caformer_m36", "resnet50"])
-def test_recipes_hold_the_official_values(name):
-    args = parse_args(["--config", str(CONFIGS / f"{name}.yaml")])
+def test_the_resnet50_recipe_shares_the_official_loss_and_crops():
+    """No official ResNet-50 script exists (tests/pretrain/test_recipes.py checks the three that do)."""
+    args = parse_args(["--config", str(CONFIGS / "resnet50.yaml")])
     assert (args.epochs, args.batch_size_per_gpu, args.n_local, args.global_size, args.local_size) == (400, 256, 6,
                                                                                                          224, 96)
     assert (args.reg, args.temperature, args.sinkhorn_iters, args.top_k, args.n_target_crops) == (0.05, 0.1, 3, 128, 2)
-    assert args.global_scale == [0.25, 1.0] and args.local_scale == [0.05, 0.25] and args.teacher_momentum == 0.995
-    if name != "resnet50":
-        assert (args.lr, args.min_lr_scale, args.warmup_epochs, args.clip_grad) == (3e-4, 1e-3, 40, 0.3)
-        assert (args.weight_decay, args.weight_decay_end, args.amp, args.optimizer) == (0.04, 0.4, "fp16", "adamw")
-        assert (args.proj_layers, args.proj_hidden_dim, args.proj_out_dim, args.proj_norm) == (3, 4096, 4096, "none")
-    else:
-        assert args.warmup_epochs == 10 and args.optimizer == "lars"
+    assert args.warmup_epochs == 10 and args.optimizer == "lars" and args.min_lr == 0.0048
