@@ -13,6 +13,9 @@ from eval.davis_metrics import DavisInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# DINO's and BAM's eval_video_segmentation.py normalise DAVIS frames with 0.228 in the red channel
+# (DanielShalam/BAM eval_video_segmentation.py:248 color_normalize, copied from DINO's): the protocol's value.
+DAVIS_STD = (0.228, 0.224, 0.225)
 
 
 @dataclass
@@ -63,14 +66,14 @@ def frame_size(h: int, w: int, short_side: int = 480, multiple: int = 64) -> tup
     return (short_side, long_side) if h < w else (long_side, short_side)
 
 
-def read_frame(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """A frame as ``[3, H, W]``, resized (bilinear, OpenCV as DINO) and ImageNet-normalised."""
+def read_frame(path: Path, size: tuple[int, int], std: tuple[float, float, float] = DAVIS_STD) -> torch.Tensor:
+    """A frame as ``[3, H, W]``, resized (bilinear, OpenCV as DINO), normalised with ImageNet's mean and ``std``."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DavisInputError(f"{path}: cannot read this frame")
     img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).float() / 255.0
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(std)[:, None, None]
     return (x - mean) / std
 
 

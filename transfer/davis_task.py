@@ -15,6 +15,8 @@ from eval.context import TaskContext
 from eval.davis_metrics import evaluate, write_csvs
 from transfer.davis import pil_nearest_resize, propagate_labels, soft_to_mask
 from transfer.davis_io import (
+    DAVIS_STD,
+    IMAGENET_STD,
     Sequence,
     frame_size,
     load_sequence,
@@ -45,6 +47,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--n-blocks", type=int, default=1, help="concatenate the patch tokens of the last n blocks")
     group.add_argument("--short-side", type=int, default=480, help="frames are resized so the short side is this")
     group.add_argument("--long-multiple", type=int, default=64, help="... and the long side floored to this multiple")
+    group.add_argument("--normalize", default="official", choices=["official", "imagenet"],
+                       help="official: std (0.228, 0.224, 0.225) as DINO's and BAM's eval_video_segmentation.py; "
+                       "imagenet: (0.229, 0.224, 0.225)")
     group.add_argument("--frames-per-batch", type=int, default=4, help="frames per backbone forward pass")
     group.add_argument("--no-overlays", action="store_true", help="skip the per-sequence overlay images")
 
@@ -55,11 +60,12 @@ def builtin_sample(cache_dir: Path) -> Path:
 
 @torch.no_grad()
 def extract_features(backbone: Backbone, frames: list[Path], size: tuple[int, int], n_blocks: int, batch: int,
-                     device: torch.device, progress: tqdm | None = None) -> torch.Tensor:
+                     device: torch.device, progress: tqdm | None = None,
+                     std: tuple[float, float, float] = DAVIS_STD) -> torch.Tensor:
     """``[T, h, w, n_blocks*D]`` patch features of every frame (CLS dropped), on ``device``."""
     out = []
     with ThreadPoolExecutor(2) as pool:  # decode and resize the next frames while the backbone runs
-        images = pool.map(lambda p: read_frame(p, size), frames)
+        images = pool.map(lambda p: read_frame(p, size, std), frames)
         for start in range(0, len(frames), batch):
             x = torch.stack([next(images) for _ in frames[start:start + batch]]).to(device)
             layers = backbone.get_intermediate_layers(x, n_blocks)
@@ -77,7 +83,9 @@ def propagate_sequence(backbone: Backbone, seq: Sequence, out_dir: Path, args: a
     first = np.where(raw_first == 255, 0, raw_first)  # void is background, as in the scoring
     height, width = original_size(seq.frames[0])
     size = frame_size(height, width, args.short_side, args.long_multiple)
-    feats = extract_features(backbone, seq.frames, size, args.n_blocks, args.frames_per_batch, device, progress)
+    std = DAVIS_STD if args.normalize == "official" else IMAGENET_STD
+    feats = extract_features(backbone, seq.frames, size, args.n_blocks, args.frames_per_batch, device, progress,
+                             std)
     h, w = feats.shape[1:3]
     small = pil_nearest_resize(torch.from_numpy(first.astype(np.int64)), (h, w))
     one_hot = torch.nn.functional.one_hot(small, int(first.max()) + 1).permute(2, 0, 1).float()

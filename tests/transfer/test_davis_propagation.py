@@ -110,3 +110,15 @@ def test_soft_to_mask_matches_the_pil_pipeline():
     assert got.dtype == torch.long and got.shape == (480, 854)
     assert np.array_equal(got.numpy(), want)
     assert torch.equal(pil_nearest_resize(torch.from_numpy(small), (480, 854)), torch.from_numpy(want))
+
+
+def test_frames_are_normalised_as_dinos_eval_video_segmentation(tmp_path):
+    """DINO's / BAM's color_normalize: mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); 0.229 on request."""
+    from transfer.davis_io import IMAGENET_STD, read_frame
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(np.full((16, 24, 3), (200, 100, 50), np.uint8)).save(path)
+    x = read_frame(path, (16, 24))
+    expected = [(200 / 255 - 0.485) / 0.228, (100 / 255 - 0.456) / 0.224, (50 / 255 - 0.406) / 0.225]
+    assert x.shape == (3, 16, 24) and torch.allclose(x[:, 5, 7], torch.tensor(expected), atol=1e-6)
+    assert read_frame(path, (16, 24), IMAGENET_STD)[0, 0, 0].item() == pytest.approx((200 / 255 - 0.485) / 0.229)
