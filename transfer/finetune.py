@@ -21,23 +21,27 @@ _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 class Classifier(nn.Module):
-    """A backbone and a linear head on its [CLS] token (``pool="cls"``) or on the LayerNorm'd mean patch token
-    (``pool="avg"``, MAE's ``global_pool``). The head starts at N(0, 2e-5) with zero bias, as in MAE."""
+    """A backbone and a linear head on its [CLS] token (``pool="cls"``) or, for ViTs, on MAE's ``global_pool``
+    (``pool="avg"``): the mean of the patch tokens as the last block leaves them, through a new ``fc_norm``. As
+    in MAE's models_vit.py, the backbone's final norm is removed then (its pretrained weights go unused) and
+    the prefix tokens are left out of the mean. The head starts at N(0, 2e-5) with zero bias, as in MAE."""
 
     def __init__(self, backbone: Backbone, num_classes: int, pool: str = "cls"):
         super().__init__()
         if pool not in ("cls", "avg"):
             raise ValueError(f"pool {pool!r} must be cls or avg")
         self.backbone, self.pool = backbone, pool
-        self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if pool == "avg" and backbone.is_vit \
-            else nn.Identity()
+        self.global_pool = pool == "avg" and backbone.is_vit
+        if self.global_pool:
+            backbone.model.norm = nn.Identity()  # MAE: ``del self.norm`` with global_pool
+        self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if self.global_pool else nn.Identity()
         self.head = nn.Linear(backbone.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone.forward_features(x)
-        feat = self.fc_norm(out["patch"].mean(dim=1)) if self.pool == "avg" and self.backbone.is_vit else out["cls"]
+        feat = self.fc_norm(out["patch"].mean(dim=1)) if self.global_pool else out["cls"]
         return self.head(feat)
 
 

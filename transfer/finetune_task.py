@@ -10,9 +10,11 @@ import argparse
 import json
 import logging
 import math
+import random
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
@@ -28,6 +30,7 @@ from bam.checkpoint import latest_path, load_file, save_atomic
 from eval.context import TaskContext
 from eval.options import resolve_defaults
 from pretrain.data import MEAN, STD, labelled_folder
+from pretrain.trainer import rng_state, set_rng_state
 from transfer.finetune import Classifier, layer_decay_groups, lr_at, set_group_lrs, with_drop_path
 from transfer.labelled_data import labelled_splits, photos_sample
 
@@ -125,6 +128,8 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
     ``run_id`` (the weights' identity and the recipe) guards resuming: ``output_dir/checkpoint.pth`` is resumed
     only when it was written by the same run; otherwise the run starts over.
     """
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # Mixup, RandAugment, erasing, drop path, head
+        seed(args.seed)
     batch = args.batch_size
     mixing = args.mixup > 0 or args.cutmix > 0
     if len(train_set) < batch:
@@ -153,6 +158,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             start_epoch, history = state["epoch"] + 1, state["history"]
+            set_rng_state(state["rng"])  # Mixup, RandAugment and drop path draw from the global generators
             logger.info("resuming fine-tuning from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
         else:
             logger.warning("%s belongs to another run (other weights or recipe): starting over", ckpt_path)
@@ -191,7 +197,8 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
         logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch + 1, args.epochs,
                     history[-1]["train_loss"], val["top1"])
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "history": history, "run_id": json.loads(json.dumps(run_id, default=str)),
+                     "epoch": epoch, "history": history, "rng": rng_state(),
+                     "run_id": json.loads(json.dumps(run_id, default=str)),
                      "arch": backbone.arch, "num_classes": num_classes, "pool": args.pool}, ckpt_path)
     with open(output_dir / "log.jsonl", "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)

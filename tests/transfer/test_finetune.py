@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from bam import build_backbone
@@ -33,9 +34,28 @@ def test_vit_layer_decay_follows_mae():
     assert scales[b + "blocks.0.attn.qkv.weight"] == (0.25, 0.05)
     assert scales[b + "blocks.0.norm1.weight"] == (0.25, 0.0) and scales[b + "blocks.0.mlp.fc1.bias"] == (0.25, 0.0)
     assert scales[b + "blocks.1.mlp.fc2.weight"] == (0.5, 0.05)
-    assert scales[b + "norm.weight"] == (1.0, 0.0)
+    assert b + "norm.weight" not in scales  # MAE's global_pool: fc_norm replaces the final norm
     assert scales["fc_norm.weight"] == (1.0, 0.0) and scales["head.weight"] == (1.0, 0.05)
     assert scales["head.bias"] == (1.0, 0.0)
+    cls_pool = Classifier(build_backbone("vit_small_patch16_224", **TINY_VIT), 5, pool="cls")
+    assert _scales(layer_decay_groups(cls_pool, cls_pool.backbone, 0.05, 0.5))[b + "norm.weight"] == (1.0, 0.0)
+
+
+def test_global_pool_is_maes_fc_norm_of_the_mean_unnormalised_patch_token():
+    """MAE models_vit.py with global_pool: blocks, mean of x[:, 1:], fc_norm, head; the final norm is not used."""
+    torch.manual_seed(0)
+    vit = build_backbone("vit_small_patch16_224", **TINY_VIT).eval()
+    model = Classifier(vit, 5, pool="avg").eval()
+    torch.nn.init.normal_(model.head.weight)
+    torch.nn.init.normal_(model.fc_norm.weight)
+    x = torch.randn(2, 3, 32, 32)
+    m = vit.model
+    tokens = torch.cat([m.cls_token.expand(2, -1, -1), m.patch_embed(x).flatten(1, 2)], dim=1) + m.pos_embed
+    for block in m.blocks:
+        tokens = block(tokens)
+    pooled = F.layer_norm(tokens[:, 1:].mean(dim=1), (32,), model.fc_norm.weight, model.fc_norm.bias, eps=1e-6)
+    assert torch.allclose(model(x), pooled @ model.head.weight.t() + model.head.bias, atol=1e-5)
+    assert "backbone.model.norm.weight" not in model.state_dict()
 
 
 def test_frozen_positions_are_left_out_and_cnn_uses_timm_stages():
@@ -76,21 +96,46 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_finetune_steps_and_resumes(digit_folders, tmp_path, tiny_vit, caplog):
-    args = _args()
-    train = finetune_task.train_dataset(digit_folders / "train", args)
-    val = EvalImageFolder(digit_folders / "val", 32)
+def _finetune(backbone, folders, out, run_id=1, **kw):
+    args = _args(**kw)
+    train = finetune_task.train_dataset(folders / "train", args)
+    val = EvalImageFolder(folders / "val", 32)
+    return finetune_task.finetune(backbone, train, val, 3, args, torch.device("cpu"), out, {"run": run_id})
+
+
+def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_weights(digit_folders, tmp_path,
+                                                                                     tiny_vit, caplog, monkeypatch):
+    """3 epochs uninterrupted vs killed during epoch 2 (after epoch 1's checkpoint) and run again."""
+    import copy
+
     before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
-    out = finetune_task.finetune(tiny_vit, train, val, 3, args, torch.device("cpu"), tmp_path, {"run": 1})
-    assert len(out["history"]) == 2 and out["steps"] == 2 * (36 // 8) and out["lr"] == pytest.approx(1e-3 * 8 / 256)
+    out = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "whole", epochs=3)
+    assert len(out["history"]) == 3 and out["steps"] == 3 * (36 // 8) and out["lr"] == pytest.approx(1e-3 * 8 / 256)
     assert 0.0 <= out["top1"] <= 100.0 and all(math.isfinite(h["train_loss"]) for h in out["history"])
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert state["epoch"] == 1
-    assert any(not torch.equal(before[k], state["model"][f"backbone.{k}"]) for k in before)  # the backbone trained
-    assert {k: v for k, v in tiny_vit.state_dict().items()}.keys() == before.keys()
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    assert whole["epoch"] == 2
+    assert any(not torch.equal(before[k], whole["model"][f"backbone.{k}"]) for k in before)  # the backbone trained
+
+    evaluate, calls = finetune_task.evaluate, []
+
+    def killed_in_epoch_two(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill after epoch 2's steps, before its checkpoint
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(finetune_task, "evaluate", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=3)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(finetune_task, "evaluate", evaluate)
+    torch.manual_seed(123)  # the process that resumes starts with other random state
     caplog.clear()
-    again = finetune_task.finetune(tiny_vit, train, val, 3, args, torch.device("cpu"), tmp_path, {"run": 1})
-    assert "resuming fine-tuning" in caplog.text and again["history"] == out["history"]
+    again = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=3)
+    assert "resuming fine-tuning" in caplog.text and "(epoch 1 done)" in caplog.text
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert again["history"] == out["history"]
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     caplog.clear()
-    finetune_task.finetune(tiny_vit, train, val, 3, _args(epochs=1), torch.device("cpu"), tmp_path, {"run": 2})
+    _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", run_id=2, epochs=1)
     assert "belongs to another run" in caplog.text
