@@ -82,8 +82,8 @@ def train_grid(grid: LinearGrid, batches: Callable[[int], Iterable[tuple[torch.T
     over ``epochs``, stepped per epoch (as DINO's and the official BAM probe)."""
     optimizer = grid_optimizer(grid, batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
-    grid.train()
     for epoch in range(epochs):
+        grid.train()  # on_epoch may have evaluated
         total, count = 0.0, 0
         for slots, labels in batches(epoch):
             losses = [F.cross_entropy(logits, labels) for logits in grid(slots)]

@@ -3,6 +3,10 @@
 Grid: learning rates x last-n-blocks x with/without the mean patch token. The head reported as ``top1`` is the one
 with the best accuracy on a class-balanced held-out part of the training set; ``top1_best_on_val`` (the best head
 judged on the validation set itself, optimistic) is reported beside it, named as such.
+
+``--select best_epoch_on_val`` (the ``bam_vitb`` preset) is the official probe's rule instead (DanielShalam/BAM
+eval_linear.py:219-223, DINO's too): train on all of ``train/``, evaluate on ``val/`` after every epoch and report
+the best of those accuracies, as ``top1_best_epoch_on_val`` with its ``best_epoch``.
 """
 from __future__ import annotations
 
@@ -30,17 +34,27 @@ HELP = "linear probes on frozen features: a grid of lrs x {1,4} blocks x avgpool
        "selected on held-out training images"
 DINOV2_LRS = "1e-5,2e-5,5e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2,2e-2,5e-2,0.1"
 DEFAULTS = {"lrs": DINOV2_LRS, "n_blocks": "1,4", "avgpool": "off,on", "bn_head": False, "augment": False,
-            "epochs": 100, "batch_size": 1024, "holdout_fraction": 0.1, "image_size": 224,
+            "epochs": 100, "batch_size": 1024, "holdout_fraction": 0.1, "select": "holdout", "image_size": 224,
             "extract_batch_size": 64, "num_workers": 2}
-# the official BAM probe (DanielShalam/BAM scripts/linear/linear.slurm: ViT-B/16, 8 GPUs x 128)
-PRESETS = {"bam_vitb": {"lrs": "0.002", "n_blocks": "1", "avgpool": "on", "bn_head": True, "augment": True,
-                        "epochs": 100, "batch_size": 1024}}
+# The official BAM probe: DanielShalam/BAM scripts/linear/linear.slurm (L:line) run through eval_linear.py (E:line).
+PRESETS = {"bam_vitb": {
+    "lrs": "0.002",  # L:33 --lr 0.002, scaled by the global batch / 256 (E:176)
+    "n_blocks": "1",  # L:36 --n_last_blocks 1
+    "avgpool": "on",  # L:37 --avgpool_patchtokens true
+    "bn_head": True,  # L:35 --bn_head true
+    "augment": True,  # E:61-62 RandomResizedCrop(224) + RandomHorizontalFlip for training
+    "epochs": 100,  # L:32 --epochs 100
+    "batch_size": 1024,  # L:7-8 8 GPUs x L:34 --batch_size_per_gpu 128
+    "holdout_fraction": 0.0,  # E:74-75 ImageFolder(train/): every training image trains the probe
+    "select": "best_epoch_on_val",  # L:38 --val_freq 1, E:219-223 best_acc = max(best_acc, val acc1)
+}}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="bam_vitb: the official BAM probe (1 block + avgpool, BN head, lr 0.002, augmented, "
-                            "100 epochs, batch 1024); explicit flags override it")
+                            "100 epochs, batch 1024, all of train/, best validation epoch); explicit flags override "
+                            "it")
     group.add_argument("--lrs", default=None, help=f"comma-separated base lrs, scaled by batch/256 "
                        f"(default DINOv2's {DINOV2_LRS})")
     group.add_argument("--n-blocks", default=None, help="comma-separated numbers of last blocks' [CLS] tokens "
@@ -56,6 +70,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batch-size", type=int, default=None, help="head training batch (default 1024)")
     group.add_argument("--holdout-fraction", type=float, default=None,
                        help="class-balanced part of train/ held out to select the head (default 0.1)")
+    group.add_argument("--select", default=None, choices=["holdout", "best_epoch_on_val"],
+                       help="holdout (default): the head with the best held-out accuracy after the last epoch; "
+                            "best_epoch_on_val: the official probe's best validation accuracy over epochs")
     group.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
     group.add_argument("--extract-batch-size", type=int, default=None, help="images per forward pass (default 64)")
     group.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2)")
@@ -126,16 +143,27 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
                                   ctx.device)
     log_path = ctx.output_dir / "log.jsonl"
     log_path.unlink(missing_ok=True)
+    per_epoch = args.select == "best_epoch_on_val"
+    val_on_device = [t.to(ctx.device) for t in val_slots]
+    val_history: list[list[dict[str, float]]] = []
 
     def on_epoch(epoch: int, loss: float) -> None:
+        record = {"epoch": epoch, "mean_head_loss": loss}
+        if per_epoch:  # the official probe validates after every epoch
+            val_history.append(evaluate_grid(grid, *val_on_device))
+            record["val_top1"] = [r["top1"] for r in val_history[-1]]
         with open(log_path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "mean_head_loss": loss}) + "\n")
+            f.write(json.dumps(record) + "\n")
         if epoch % max(1, args.epochs // 10) == 0 or epoch == args.epochs - 1:
             logger.info("epoch %d/%d: mean head loss %.4f", epoch + 1, args.epochs, loss)
 
     train_grid(grid, batches, args.epochs, args.batch_size, on_epoch)
+    if per_epoch:
+        chosen, outcome = _best_epoch_outcome(val_history, specs, train_set, len(train_idx), len(val_set))
+        _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)  # as trained, last
+        return outcome
 
-    val = evaluate_grid(grid, *(t.to(ctx.device) for t in val_slots))
+    val = evaluate_grid(grid, *val_on_device)
     if held_slots is not None:
         held = evaluate_grid(grid, *(t.to(ctx.device) for t in held_slots))
         chosen = select_head(held)
@@ -146,9 +174,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     heads = [{"name": s.name, "lr": s.lr, "n_blocks": s.n_blocks, "avgpool": s.avgpool,
               "holdout_top1": held[i]["top1"] if held else None, "val_top1": val[i]["top1"],
               "val_top5": val[i]["top5"]} for i, s in enumerate(specs)]
-    save_atomic({"spec": dataclasses.asdict(specs[chosen]),
-                 "bn_head": args.bn_head, "classes": train_set.classes, "arch": backbone.arch,
-                 "state_dict": grid.heads[chosen].state_dict()}, ctx.output_dir / "linear_head.pth")
+    _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)
     logger.info("selected %s: held-out top-1 %s, val top-1 %.2f%% (best head on val: %s, %.2f%%)",
                 specs[chosen].name, f"{held[chosen]['top1']:.2f}%" if held else "n/a", val[chosen]["top1"],
                 specs[best_val].name, val[best_val]["top1"])
@@ -158,3 +184,26 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     return {"metrics": metrics, "selected_head": specs[chosen].name, "selected_on": "holdout" if held else "val",
             "best_on_val_head": specs[best_val].name, "heads": heads, "num_train": len(train_idx),
             "num_holdout": len(hold_idx), "num_val": len(val_set), "classes": train_set.classes}
+
+
+def _save_head(grid: LinearGrid, specs: list[HeadSpec], chosen: int, args: argparse.Namespace, classes: list[str],
+               arch: str, output_dir: Path) -> None:
+    save_atomic({"spec": dataclasses.asdict(specs[chosen]), "bn_head": args.bn_head, "classes": classes, "arch": arch,
+                 "state_dict": grid.heads[chosen].state_dict()}, output_dir / "linear_head.pth")
+
+
+def _best_epoch_outcome(history: list[list[dict[str, float]]], specs: list[HeadSpec], train_set, num_train: int,
+                        num_val: int) -> tuple[int, dict]:
+    """The official probe's number: the best validation top-1 over epochs (and heads), with where it was reached."""
+    epoch, head = max(((e, h) for e in range(len(history)) for h in range(len(specs))),
+                      key=lambda eh: (history[eh[0]][eh[1]]["top1"], -eh[0], -eh[1]))
+    best = history[epoch][head]
+    logger.info("best validation epoch: %d (%s): top-1 %.2f%% (last epoch: %.2f%%)", epoch + 1, specs[head].name,
+                best["top1"], history[-1][head]["top1"])
+    metrics = {"top1_best_epoch_on_val": best["top1"], "top5_at_best_epoch": best["top5"], "best_epoch": epoch + 1,
+               "top1_last_epoch": history[-1][head]["top1"]}
+    heads = [{"name": s.name, "lr": s.lr, "n_blocks": s.n_blocks, "avgpool": s.avgpool,
+              "val_top1_per_epoch": [h[i]["top1"] for h in history]} for i, s in enumerate(specs)]
+    return head, {"metrics": metrics, "selected_head": specs[head].name, "selected_on": "best_epoch_on_val",
+                  "heads": heads, "num_train": num_train, "num_holdout": 0, "num_val": num_val,
+                  "classes": train_set.classes}

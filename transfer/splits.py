@@ -28,6 +28,8 @@ def balanced_subset(targets: Sequence[int], fraction: float, seed: int) -> list[
 def holdout_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, held-out) indices: a class-balanced ``fraction`` held out, every class keeping at least one image."""
     targets = list(targets)
+    if fraction == 0:
+        return list(range(len(targets))), []
     counts: dict[int, int] = {}
     for t in targets:
         counts[t] = counts.get(t, 0) + 1

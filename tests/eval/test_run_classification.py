@@ -154,5 +154,12 @@ def test_linear_official_bam_preset_trains_on_augmented_views(digit_folders, tmp
     head = torch.load(tmp_path / "bam" / "linear_head.pth", weights_only=True)
     assert set(head["state_dict"]) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
                                        "linear.weight", "linear.bias"}
-    assert res["num_train"] == 33  # 3 of 36 held out (10 %, one per class)
-    assert head["state_dict"]["bn.num_batches_tracked"] == 2 * (33 // 8)  # augmented batches, drop_last
+    # the official rule (eval_linear.py): every training image trains, the best validation epoch is reported
+    assert res["num_train"] == 36 and res["num_holdout"] == 0 and res["selected_on"] == "best_epoch_on_val"
+    assert head["state_dict"]["bn.num_batches_tracked"] == 2 * (36 // 8)  # augmented batches, drop_last
+    per_epoch = res["heads"][0]["val_top1_per_epoch"]
+    log = [json.loads(line) for line in (tmp_path / "bam" / "log.jsonl").read_text().splitlines()]
+    assert len(per_epoch) == 2 and [r["val_top1"] for r in log] == [[v] for v in per_epoch]
+    m = res["metrics"]
+    assert "top1" not in m and m["top1_best_epoch_on_val"] == max(per_epoch) == per_epoch[m["best_epoch"] - 1]
+    assert m["top1_last_epoch"] == per_epoch[-1]

@@ -47,15 +47,46 @@ def test_the_dry_run_prints_jobs_resources_commands_and_dependencies(tmp_path, c
     assert "paper_table.md/.csv" in out and not list(tmp_path.iterdir())  # nothing submitted, nothing written
 
 
-def test_the_paper_table_cites_only_published_numbers():
+# Every published number of the paper table, transcribed from its source with the line it stands on:
+# label: (value, source named in the suite, file in that source's repository or None for a paper, line, its text).
+PUBLISHED = {
+    "BAM ViT-B/16, linear top-1 (best validation epoch, as the official probe)":
+        (78.1, "DanielShalam/BAM", "README.md", 15, "| ViT-B/16 | 85M | 78.1 |"),
+    "BAM CAFormer-M36, linear top-1": (79.3, "DanielShalam/BAM", "README.md", 16, "| CAFormer-M36 | 57M | 79.3 |"),
+    "DINO ViT-S/16, k-NN top-1 (reference)": (74.5, "DINO", "README.md", 26, "<td>74.5%</td>"),
+    "DINO ViT-S/16, linear top-1 (reference)": (77.0, "DINO", "README.md", 27, "<td>77.0%</td>"),
+    "DINO ViT-B/16, k-NN top-1 (reference)": (76.1, "DINO", "README.md", 50, "<td>76.1%</td>"),
+    "DINO ViT-B/16, linear top-1 (reference)": (78.2, "DINO", "README.md", 51, "<td>78.2%</td>"),
+    # the DINO paper's video segmentation table (Table 5), not in its README
+    "DINO ViT-S/16, DAVIS-2017 J&F (reference)": (61.8, "DINO", None, None, None),
+    "DINO ViT-B/16, DAVIS-2017 J&F (reference)": (62.3, "DINO", None, None, None),
+}
+REPOS = {"DanielShalam/BAM": "BAM_OFFICIAL_REPO", "DINO": "DINO_OFFICIAL_REPO"}
+
+
+def test_the_paper_table_cites_only_published_numbers_from_their_sources():
     rows = load_suite("paper")["table"]
-    published = {r["label"]: r["published"] for r in rows if "published" in r}
-    assert published == {
-        "BAM ViT-B/16, linear top-1": 78.1, "BAM CAFormer-M36, linear top-1": 79.3,
-        "DINO ViT-S/16, k-NN top-1 (reference)": 74.5, "DINO ViT-S/16, linear top-1 (reference)": 77.0,
-        "DINO ViT-B/16, k-NN top-1 (reference)": 76.1, "DINO ViT-B/16, linear top-1 (reference)": 78.2,
-        "DINO ViT-S/16, DAVIS-2017 J&F (reference)": 61.8, "DINO ViT-B/16, DAVIS-2017 J&F (reference)": 62.3}
-    assert all(r.get("source") for r in rows if "published" in r)
+    published = {r["label"]: r for r in rows if "published" in r}
+    assert set(published) == set(PUBLISHED)  # no number without a transcribed source
+    for label, (value, source, *_) in PUBLISHED.items():
+        assert published[label]["published"] == value and source in published[label]["source"], label
+    # the ViT-B/16 number is the official probe's best validation epoch: the row reads that metric, from the preset
+    vitb = published["BAM ViT-B/16, linear top-1 (best validation epoch, as the official probe)"]
+    assert vitb["metric"] == "top1_best_epoch_on_val"
+    assert load_suite("paper")["steps"][vitb["step"]]["args"]["preset"] == "bam_vitb"
+
+
+@pytest.mark.parametrize("source", sorted(REPOS))
+def test_the_transcribed_published_numbers_match_their_files(source):
+    import os
+    from pathlib import Path
+
+    if not os.environ.get(REPOS[source]):
+        pytest.skip(f"set {REPOS[source]} to a checkout of {source} to check the transcription against its files")
+    root = Path(os.environ[REPOS[source]])
+    for label, (_, src, path, line, text) in PUBLISHED.items():
+        if src == source and path:
+            assert text in " ".join((root / path).read_text().splitlines()[line - 1].split()), label
 
 
 def small_suite(tmp_path, tiny_folder, fail_pretrain=False):

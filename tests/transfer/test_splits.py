@@ -25,6 +25,7 @@ def test_holdout_split_is_a_partition_that_keeps_every_class_in_training():
     assert {targets[i] for i in train} == {0, 1, 2, 3}
     assert [sum(targets[i] == c for i in held) for c in range(4)] == [10, 4, 1, 0]
     assert holdout_split(targets, 0.1, seed=0) == (train, held)
+    assert holdout_split(targets, 0.0, seed=0) == (list(range(len(targets))), [])  # nothing held out
 
 
 def _samples(root):
