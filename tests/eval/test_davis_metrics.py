@@ -122,7 +122,9 @@ def test_bad_predictions_fail_with_one_line_naming_the_file(tmp_path):
 
 
 def test_parity_with_vos_benchmark(tmp_path):
-    """vos-benchmark (PyPI) reproduces the official J-Mean and F-Mean; ours must equal it to 1e-6."""
+    """vos-benchmark (PyPI) reproduces the official J-Mean and F-Mean; ours must equal every number it computes to
+    1e-6: the global J&F, J and F and each object's J and F (it computes no Recall or Decay; those are checked by
+    hand in test_statistics_mean_recall_decay_by_hand)."""
     from vos_benchmark.benchmark import benchmark
 
     rng = np.random.default_rng(0)
@@ -137,8 +139,13 @@ def test_parity_with_vos_benchmark(tmp_path):
         write_sequence(tmp_path / "ann", name, gt)
         write_sequence(tmp_path / "pred", name, pred)
         names.append(name)
-    ours = evaluate(tmp_path / "ann", tmp_path / "pred", names)["per_object"]
-    *_, (theirs,) = benchmark([str(tmp_path / "ann")], [str(tmp_path / "pred")], num_processes=1, verbose=False)
+    result = evaluate(tmp_path / "ann", tmp_path / "pred", names)
+    ours = result["per_object"]
+    (jf,), (j,), (f,), (theirs,) = benchmark([str(tmp_path / "ann")], [str(tmp_path / "pred")], num_processes=1,
+                                             verbose=False)
+    assert result["metrics"]["J&F-Mean"] * 100 == pytest.approx(jf, abs=1e-6)
+    assert result["metrics"]["J-Mean"] * 100 == pytest.approx(j, abs=1e-6)
+    assert result["metrics"]["F-Mean"] * 100 == pytest.approx(f, abs=1e-6)
     compared = 0
     for name, (iou, bf) in theirs.items():
         for obj in iou:
