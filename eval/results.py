@@ -1,12 +1,15 @@
 """results.json: what every task writes, and the short table the front door prints."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +66,31 @@ def format_table(task: str, metrics: dict[str, float], label: str) -> str:
     lines += [f"{k:<{width}}  {v:>9.4f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>9}"
               for k, v in metrics.items()]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path, active: bool = True) -> Iterator[None]:
+    """Hold ``output_dir/.bam.lock`` for the run: a second run into the same folder fails at once in one line
+    instead of mixing its outputs with this one's. An advisory ``flock``: released when the process ends, however
+    it ends, so a killed run leaves no stale lock."""
+    if not active:
+        yield
+        return
+    path = output_dir / ".bam.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"--output-dir {output_dir} is in use by a running job ({holder}); wait for it or "
+                             "write elsewhere") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)

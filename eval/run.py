@@ -33,7 +33,7 @@ from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
 from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E402
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
-from eval.results import format_table, sha256, versions, write_results  # noqa: E402
+from eval.results import format_table, run_lock, sha256, versions, write_results  # noqa: E402
 from eval.suite import run_suite  # noqa: E402
 from slurm.launch import add_launch_arguments, check_in_process, launch  # noqa: E402
 from slurm.status import collect, format_status  # noqa: E402
@@ -109,6 +109,8 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--cache-features", action="store_true",
                         help="frozen protocols (knn, linear, semisup logreg) keep their features in "
                              "<cache-dir>/features, keyed by checkpoint sha256, arch, image list and transform")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="evaluate a checkpoint with NaN/inf weights "
+                        "(recorded as a warning in results.json) instead of refusing it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_launch_arguments(parser)
     for name in [task] if task else TASKS:
@@ -118,16 +120,38 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+def check_finite(backbone: Backbone, source: str, allow: bool, info: dict) -> None:
+    """Non-finite weights make every downstream number meaningless: an error naming the tensors, or with
+    --allow-nonfinite a warning recorded in results.json."""
+    bad = [name for name, t in backbone.model.state_dict().items() if t.is_floating_point() and
+           not torch.isfinite(t).all()]
+    if not bad:
+        return
+    message = f"{source}: non-finite values (NaN/inf) in {len(bad)} tensor(s): {', '.join(bad[:4])}" \
+              f"{' ...' if len(bad) > 4 else ''}"
+    if not allow:
+        raise ValueError(f"{message}; the run that wrote it diverged (use an earlier checkpoint, or "
+                         "--allow-nonfinite to evaluate it anyway)")
+    logger.warning("%s (--allow-nonfinite: evaluating anyway)", message)
+    info["warnings"] = [*info.get("warnings", []), message]
 
 
 def make_backbone_loader(args: argparse.Namespace, info: dict):
     def load() -> Backbone:
         if args.checkpoint:
             backbone = load_backbone(args.checkpoint, arch=args.arch, fmt=args.format, trust=args.trust_checkpoint)
+            check_finite(backbone, args.checkpoint, args.allow_nonfinite, info)
             info.update(checkpoint=str(Path(args.checkpoint).resolve()), checkpoint_sha256=sha256(args.checkpoint),
                         checkpoint_format=backbone.checkpoint_format, random_init=False)
         else:
@@ -193,15 +217,28 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device("cuda", dist_info.local_rank)
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.checkpoint and Path(args.checkpoint).is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a folder; give the checkpoint file in it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; give a folder")
     if args.data:
         data_root, is_sample = Path(args.data), False
         if not data_root.is_dir():
             raise FileNotFoundError(f"--data {data_root} is not a folder")
+        if output_dir.resolve().is_relative_to(data_root.resolve()):
+            raise ValueError(f"--output-dir {output_dir} is inside --data {data_root}: a run must never write into "
+                             "its data set (it could overwrite the ground truth); write elsewhere")
     else:
         data_root, is_sample = module.builtin_sample(cache), True
         logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
     # validated before the first byte is written: a failed run leaves an earlier results.json as it was
     output_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(output_dir, dist_info.rank == 0):
+        return _run_task(args, module, device, dist_info, output_dir, cache, data_root, is_sample, start)
+
+
+def _run_task(args: argparse.Namespace, module: ModuleType, device: torch.device, dist_info, output_dir: Path,
+              cache: Path, data_root: Path, is_sample: bool, start: float) -> int:
     info: dict = {"checkpoint": None, "checkpoint_sha256": None, "checkpoint_format": None, "random_init": None,
                   "arch": None}
     ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info), info,

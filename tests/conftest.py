@@ -72,6 +72,15 @@ def assert_one_line_error(main, argv, caplog, match):
     assert match in errors[0], errors[0]
 
 
+def assert_flag_error(main, argv, capsys, match):
+    """argparse refuses ``argv`` before anything runs: exit 2 and an error line that names the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in error, error
+
+
 def make_digit_folders(root):
     """A labelled ``train/`` + ``val/`` ImageFolder of scikit-learn digits 0-2 (12 + 4 per class, 32x32 RGB)."""
     digits = load_digits()

@@ -16,7 +16,7 @@ from typing import Any
 
 from bam.backbones import Backbone
 from eval.context import TaskContext
-from eval.options import parse_list, resolve_defaults
+from eval.options import number, parse_list, resolve_defaults
 from transfer.samples import ade as ade_sample
 from transfer.samples.cache import ensure_generated
 
@@ -39,13 +39,17 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "default)")
     group.add_argument("--seg-config", default=None,
                        help="an mmengine config file to start from instead of the preset's (transfer/configs/ade20k)")
-    group.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's, 160000)")
-    group.add_argument("--batch-size", type=int, default=None,
+    group.add_argument("--iters", type=number(int, ge=1), default=None,
+                       help="training iterations (default: the config's, 160000)")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=None,
                        help="images per iteration (default: the config's, 16)")
-    group.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's, 6e-5 for "
+    group.add_argument("--lr", type=number(float, gt=0), default=None,
+                       help="peak learning rate (default: the config's, 6e-5 for "
                        "ViTs with AdamW, 0.01 for ResNets with SGD)")
-    group.add_argument("--crop-size", type=int, default=None, help="square training crop (default: the config's, 512)")
-    group.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the config's, 4)")
+    group.add_argument("--crop-size", type=number(int, ge=1), default=None,
+                       help="square training crop (default: the config's, 512)")
+    group.add_argument("--num-workers", type=number(int, ge=0), default=None,
+                       help="DataLoader workers (default: the config's, 4)")
     group.add_argument("--classes", default=None, help="comma-separated names of labels 1..N (default: ADE20K's 150; "
                        "the built-in sample's 5 without --data); label 0 is 'other' and is ignored")
 

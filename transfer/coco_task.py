@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bam.checkpoint import latest_path, load_file, save_atomic
 from bam.distributed import get_dist_info
 from eval.context import TaskContext
-from eval.options import resolve_defaults
+from eval.options import number, resolve_defaults
 from transfer.coco_data import CocoInstances, coco_metrics, collate, load_coco, to_coco_results
 from transfer.detection import build_mask_rcnn
 from transfer.detectron2_export import write_detectron2_weights
@@ -67,29 +67,36 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="detectron2 engine with a ResNet: Mask R-CNN R50-FPN or R50-C4 (ViTs: ViTDet)")
     group.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="schedule: 1x / 3x (SGD, ResNets) or vitdet_100ep (AdamW + layer decay, ViTs)")
-    group.add_argument("--iters", type=int, default=None, help="training iterations (default 90000, the 1x)")
-    group.add_argument("--batch-size", type=int, default=None, help="images per iteration (default 16)")
-    group.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.02)")
+    group.add_argument("--iters", type=number(int, ge=1), default=None,
+                       help="training iterations (default 90000, the 1x)")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=None, help="images per iteration (default 16)")
+    group.add_argument("--lr", type=number(float, gt=0), default=None, help="peak learning rate (default 0.02)")
     group.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default sgd (momentum 0.9)")
-    group.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    group.add_argument("--weight-decay", type=number(float, ge=0), default=None, help="default 1e-4")
     group.add_argument("--steps", default=None, help="iterations where the lr drops x0.1 (default 60000,80000)")
-    group.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up from 0.001 x lr (default 1000)")
-    group.add_argument("--layer-decay", type=float, default=None, help="ViT layer-wise lr decay, 1 = off (default 1)")
-    group.add_argument("--min-size", type=int, default=None, help="short side of training/test images (default 800)")
-    group.add_argument("--max-size", type=int, default=None, help="cap on the long side (default 1333)")
+    group.add_argument("--warmup-iters", type=number(int, ge=0), default=None,
+                       help="linear warm-up from 0.001 x lr (default 1000)")
+    group.add_argument("--layer-decay", type=number(float, gt=0, le=1), default=None,
+                       help="ViT layer-wise lr decay, 1 = off (default 1)")
+    group.add_argument("--min-size", type=number(int, ge=1), default=None,
+                       help="short side of training/test images (default 800)")
+    group.add_argument("--max-size", type=number(int, ge=1), default=None, help="cap on the long side (default 1333)")
     group.add_argument("--proposals", default=None, help="RPN proposals pre/post NMS in training, then in testing "
                        "(default 2000,1000,1000,1000: detectron2's FPN values)")
-    group.add_argument("--roi-batch", type=int, default=None, help="sampled RoIs per image (default 512)")
-    group.add_argument("--detections-per-image", type=int, default=None, help="default 100")
-    group.add_argument("--drop-path", type=float, default=None, help="ViT stochastic depth (default 0.1, ViTDet)")
+    group.add_argument("--roi-batch", type=number(int, ge=1), default=None, help="sampled RoIs per image (default 512)")
+    group.add_argument("--detections-per-image", type=number(int, ge=1), default=None, help="default 100")
+    group.add_argument("--drop-path", type=number(float, ge=0, lt=1), default=None,
+                       help="ViT stochastic depth (default 0.1, ViTDet)")
     group.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="autocast (default none)")
-    group.add_argument("--checkpoint-period", type=int, default=None, help="iterations between checkpoints "
+    group.add_argument("--checkpoint-period", type=number(int, ge=1), default=None,
+                       help="iterations between checkpoints "
                        "(default 5000)")
-    group.add_argument("--eval-batch-size", type=int, default=None, help="images per test forward (default 2)")
+    group.add_argument("--eval-batch-size", type=number(int, ge=1), default=None,
+                       help="images per test forward (default 2)")
     group.add_argument("--train-split", default="train2017",
                        help="read <data>/<split>/ and <data>/annotations/instances_<split>.json")
     group.add_argument("--val-split", default="val2017", help="the evaluated split")
-    group.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4)")
+    group.add_argument("--num-workers", type=number(int, ge=0), default=None, help="DataLoader workers (default 4)")
 
 
 def builtin_sample(cache_dir: Path) -> Path:

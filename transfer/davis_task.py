@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from tqdm import tqdm
 from bam.backbones import Backbone
 from eval.context import TaskContext
 from eval.davis_metrics import evaluate, write_csvs
+from eval.options import number
 from transfer.davis import pil_nearest_resize, propagate_labels, soft_to_mask
 from transfer.davis_io import (
     DAVIS_STD,
@@ -39,18 +42,23 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--sequences", default=None, help="comma-separated sequence names (default: the whole set)")
     group.add_argument("--predictions", default=None, help="score the indexed PNGs in this folder (<seq>/<frame>.png) "
                        "instead of propagating: any method's results, as the official evaluation_method.py")
-    group.add_argument("--n-last-frames", type=int, default=7, help="predicted frames kept as context besides frame 0")
-    group.add_argument("--size-mask-neighborhood", type=int, default=12,
+    group.add_argument("--n-last-frames", type=number(int, ge=0), default=7,
+                       help="predicted frames kept as context besides frame 0")
+    group.add_argument("--size-mask-neighborhood", type=number(int, ge=0), default=12,
                        help="only propagate from patches at most this many rows/columns away (0: no restriction)")
-    group.add_argument("--topk", type=int, default=5, help="context patches kept per target patch")
-    group.add_argument("--temperature", type=float, default=0.1, help="affinity exp(cosine / temperature)")
-    group.add_argument("--n-blocks", type=int, default=1, help="concatenate the patch tokens of the last n blocks")
-    group.add_argument("--short-side", type=int, default=480, help="frames are resized so the short side is this")
-    group.add_argument("--long-multiple", type=int, default=64, help="... and the long side floored to this multiple")
+    group.add_argument("--topk", type=number(int, ge=1), default=5, help="context patches kept per target patch")
+    group.add_argument("--temperature", type=number(float, gt=0), default=0.1,
+                       help="affinity exp(cosine / temperature)")
+    group.add_argument("--n-blocks", type=number(int, ge=1), default=1,
+                       help="concatenate the patch tokens of the last n blocks")
+    group.add_argument("--short-side", type=number(int, ge=1), default=480,
+                       help="frames are resized so the short side is this")
+    group.add_argument("--long-multiple", type=number(int, ge=1), default=64,
+                       help="... and the long side floored to this multiple")
     group.add_argument("--normalize", default="official", choices=["official", "imagenet"],
                        help="official: std (0.228, 0.224, 0.225) as DINO's and BAM's eval_video_segmentation.py; "
                        "imagenet: (0.229, 0.224, 0.225)")
-    group.add_argument("--frames-per-batch", type=int, default=4, help="frames per backbone forward pass")
+    group.add_argument("--frames-per-batch", type=number(int, ge=1), default=4, help="frames per backbone forward pass")
     group.add_argument("--no-overlays", action="store_true", help="skip the per-sequence overlay images")
 
 
@@ -101,6 +109,31 @@ def propagate_sequence(backbone: Backbone, seq: Sequence, out_dir: Path, args: a
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     names = sequence_names(ctx.data_root, args.set, args.sequences.split(",") if args.sequences else None)
     annotations = ctx.data_root / "Annotations" / "480p"
+    # everything is written into a staging folder and moved into --output-dir once scored: a run that fails leaves
+    # the earlier run's PNGs, overlays and CSVs as they were
+    staging = ctx.output_dir / ".partial-davis"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
+    try:
+        result, scored = _predict_and_score(ctx, args, names, annotations, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for entry in sorted(staging.rglob("*"), reverse=True):  # files before their folders
+        if entry.is_file():
+            dest = ctx.output_dir / entry.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    global_csv, seq_csv = (ctx.output_dir / f"{kind}_results-{args.set}.csv" for kind in ("global", "per-sequence"))
+    logger.info("wrote %s and %s", global_csv, seq_csv)
+    return {"metrics": result["metrics"], "per_object": result["per_object"],
+            "predictions": str(scored if args.predictions else ctx.output_dir), "sequences": names}
+
+
+def _predict_and_score(ctx: TaskContext, args: argparse.Namespace, names: list[str], annotations: Path,
+                       staging: Path) -> tuple[dict, Path]:
+    """Propagate (or take --predictions) and score into ``staging``; returns the scores and the scored folder."""
+    staging.mkdir(parents=True)
     if args.predictions:
         pred_dir = Path(args.predictions)
         if not pred_dir.is_dir():
@@ -113,7 +146,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         if not backbone.is_vit:
             logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
                            backbone.arch, backbone.feature_stride)
-        pred_dir = ctx.output_dir
+        pred_dir = staging
         total = sum(len(s.frames) for s in sequences)
         with tqdm(total=total, desc="davis frames", unit="frame", dynamic_ncols=True) as bar:
             for s in sequences:
@@ -122,11 +155,9 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         if not args.no_overlays:
             for s in sequences:
                 mid = s.frames[len(s.frames) // 2]
-                write_overlay(ctx.output_dir / "overlays" / f"{s.name}.png", mid, annotations / s.name /
+                write_overlay(staging / "overlays" / f"{s.name}.png", mid, annotations / s.name /
                               f"{mid.stem}.png", pred_dir / s.name / f"{mid.stem}.png",
                               read_first_annotation(s.first_annotation)[1])
     result = evaluate(annotations, pred_dir, names)
-    global_csv, seq_csv = write_csvs(result, ctx.output_dir, args.set)
-    logger.info("wrote %s and %s", global_csv, seq_csv)
-    return {"metrics": result["metrics"], "per_object": result["per_object"], "predictions": str(pred_dir),
-            "sequences": names}
+    write_csvs(result, staging, args.set)
+    return result, pred_dir

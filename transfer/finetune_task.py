@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bam.backbones import Backbone
 from bam.checkpoint import latest_path, load_file, save_atomic
 from eval.context import TaskContext
-from eval.options import resolve_defaults
+from eval.options import number, resolve_defaults
 from pretrain.data import MEAN, STD, labelled_folder
 from pretrain.trainer import rng_state, set_rng_state
 from transfer.finetune import Classifier, layer_decay_groups, lr_at, set_group_lrs, with_drop_path
@@ -54,27 +54,34 @@ SAMPLE = {"epochs": 6, "warmup_epochs": 1, "batch_size": 64, "blr": 2e-3, "image
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="vit_base (default values: MAE's ViT-B/16 recipe) or vit_small (layer decay 0.75)")
-    group.add_argument("--epochs", type=int, default=None, help="default 100")
-    group.add_argument("--warmup-epochs", type=float, default=None, help="default 5")
-    group.add_argument("--batch-size", type=int, default=None, help="global batch (default 1024)")
-    group.add_argument("--blr", type=float, default=None, help="base lr; lr = blr * batch / 256 (default 5e-4)")
-    group.add_argument("--min-lr", type=float, default=None, help="cosine floor (default 1e-6)")
-    group.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (default 0.65)")
-    group.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.05)")
-    group.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default 0.1)")
-    group.add_argument("--mixup", type=float, default=None, help="Mixup alpha, 0 = off (default 0.8)")
-    group.add_argument("--cutmix", type=float, default=None, help="CutMix alpha, 0 = off (default 1.0)")
-    group.add_argument("--smoothing", type=float, default=None, help="label smoothing (default 0.1)")
+    group.add_argument("--epochs", type=number(int, ge=1), default=None, help="default 100")
+    group.add_argument("--warmup-epochs", type=number(float, ge=0), default=None, help="default 5")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=None, help="global batch (default 1024)")
+    group.add_argument("--blr", type=number(float, gt=0), default=None,
+                       help="base lr; lr = blr * batch / 256 (default 5e-4)")
+    group.add_argument("--min-lr", type=number(float, ge=0), default=None, help="cosine floor (default 1e-6)")
+    group.add_argument("--layer-decay", type=number(float, gt=0, le=1), default=None,
+                       help="layer-wise lr decay (default 0.65)")
+    group.add_argument("--weight-decay", type=number(float, ge=0), default=None,
+                       help="AdamW weight decay (default 0.05)")
+    group.add_argument("--drop-path", type=number(float, ge=0, lt=1), default=None,
+                       help="stochastic depth rate (default 0.1)")
+    group.add_argument("--mixup", type=number(float, ge=0), default=None, help="Mixup alpha, 0 = off (default 0.8)")
+    group.add_argument("--cutmix", type=number(float, ge=0), default=None, help="CutMix alpha, 0 = off (default 1.0)")
+    group.add_argument("--smoothing", type=number(float, ge=0, lt=1), default=None,
+                       help="label smoothing (default 0.1)")
     group.add_argument("--auto-augment", default=None, help="timm RandAugment policy, 'none' = off "
                        "(default rand-m9-mstd0.5-inc1)")
-    group.add_argument("--reprob", type=float, default=None, help="random erasing probability (default 0.25)")
+    group.add_argument("--reprob", type=number(float, ge=0, le=1), default=None,
+                       help="random erasing probability (default 0.25)")
     group.add_argument("--pool", default=None, choices=["cls", "avg"],
                        help="head on [CLS] or on the LayerNorm'd mean patch token (default avg, as MAE)")
-    group.add_argument("--image-size", type=int, default=None, help="default 224")
-    group.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip, 0 = off (default 0)")
+    group.add_argument("--image-size", type=number(int, ge=1), default=None, help="default 224")
+    group.add_argument("--clip-grad", type=number(float, ge=0), default=None,
+                       help="gradient norm clip, 0 = off (default 0)")
     group.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"],
                        help="autocast dtype (fp16 with a grad scaler, CUDA only; default none)")
-    group.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 8)")
+    group.add_argument("--num-workers", type=number(int, ge=0), default=None, help="DataLoader workers (default 8)")
 
 
 def builtin_sample(cache_dir: Path) -> Path:

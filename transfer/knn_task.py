@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from eval.context import TaskContext
+from eval.options import number, number_list
 from transfer.features import cached_slots
 from transfer.knn import BACKENDS, knn_classify
 from transfer.labelled_data import labelled_splits, photos_sample
@@ -17,13 +18,15 @@ HELP = "weighted k-NN classification on frozen features (DINO's protocol), top-1
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--k", default="10,20,100,200", help="comma-separated numbers of neighbours")
-    group.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cosine / T)")
+    group.add_argument("--k", type=number_list(int, ge=1), default="10,20,100,200",
+                       help="comma-separated numbers of neighbours")
+    group.add_argument("--knn-temperature", type=number(float, gt=0), default=0.07, help="vote weight exp(cosine / T)")
     group.add_argument("--knn-backend", default="torch", choices=BACKENDS,
                        help="exact search by blocked matmul (torch) or faiss's IndexFlatIP (extra 'faiss')")
-    group.add_argument("--image-size", type=int, default=224, help="resize the short side to size*8/7, crop size")
-    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    group.add_argument("--image-size", type=number(int, ge=1), default=224,
+                       help="resize the short side to size*8/7, crop size")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=64, help="images per forward pass")
+    group.add_argument("--num-workers", type=number(int, ge=0), default=2, help="DataLoader workers")
 
 
 def builtin_sample(cache_dir: Path) -> Path:

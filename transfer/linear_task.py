@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from bam.checkpoint import save_atomic
 from eval.context import TaskContext
-from eval.options import parse_list, resolve_defaults
+from eval.options import number, number_list, parse_list, resolve_defaults
 from pretrain.data import MEAN, STD, labelled_folder
 from transfer.features import cached_slots, feature_slots
 from transfer.labelled_data import labelled_splits, photos_sample
@@ -55,9 +55,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="bam_vitb: the official BAM probe (1 block + avgpool, BN head, lr 0.002, augmented, "
                             "100 epochs, batch 1024, all of train/, best validation epoch); explicit flags override "
                             "it")
-    group.add_argument("--lrs", default=None, help=f"comma-separated base lrs, scaled by batch/256 "
+    group.add_argument("--lrs", type=number_list(float, gt=0), default=None,
+                       help=f"comma-separated base lrs, scaled by batch/256 "
                        f"(default DINOv2's {DINOV2_LRS})")
-    group.add_argument("--n-blocks", default=None, help="comma-separated numbers of last blocks' [CLS] tokens "
+    group.add_argument("--n-blocks", type=number_list(int, ge=1), default=None,
+                       help="comma-separated numbers of last blocks' [CLS] tokens "
                        "(default 1,4)")
     group.add_argument("--avgpool", default=None, help="off,on (default): heads without / with the mean patch token")
     group.add_argument("--bn-head", default=None, action=argparse.BooleanOptionalAction,
@@ -66,16 +68,17 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="train on RandomResizedCrop + flip views through the backbone every epoch (DINO's "
                             "protocol, one backbone pass per batch for all heads) instead of cached centre crops "
                             "(default off)")
-    group.add_argument("--epochs", type=int, default=None, help="default 100 (cosine to 0)")
-    group.add_argument("--batch-size", type=int, default=None, help="head training batch (default 1024)")
-    group.add_argument("--holdout-fraction", type=float, default=None,
+    group.add_argument("--epochs", type=number(int, ge=1), default=None, help="default 100 (cosine to 0)")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=None, help="head training batch (default 1024)")
+    group.add_argument("--holdout-fraction", type=number(float, ge=0, lt=1), default=None,
                        help="class-balanced part of train/ held out to select the head (default 0.1)")
     group.add_argument("--select", default=None, choices=["holdout", "best_epoch_on_val"],
                        help="holdout (default): the head with the best held-out accuracy after the last epoch; "
                             "best_epoch_on_val: the official probe's best validation accuracy over epochs")
-    group.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
-    group.add_argument("--extract-batch-size", type=int, default=None, help="images per forward pass (default 64)")
-    group.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2)")
+    group.add_argument("--image-size", type=number(int, ge=1), default=None, help="crop size (default 224)")
+    group.add_argument("--extract-batch-size", type=number(int, ge=1), default=None,
+                       help="images per forward pass (default 64)")
+    group.add_argument("--num-workers", type=number(int, ge=0), default=None, help="DataLoader workers (default 2)")
 
 
 def builtin_sample(cache_dir: Path) -> Path:

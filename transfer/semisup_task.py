@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Subset
 
 from eval.context import TaskContext
-from eval.options import parse_list, resolve_defaults
+from eval.options import number, number_list, parse_list, resolve_defaults
 from transfer import finetune_task
 from transfer.features import cached_slots
 from transfer.labelled_data import labelled_splits, photos_sample
@@ -36,16 +36,19 @@ SAMPLE_FINETUNE = {**finetune_task.SAMPLE, "epochs": 15, "batch_size": 32}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--fractions", default=None, help="comma-separated label fractions (default 0.01,0.1)")
+    group.add_argument("--fractions", type=number_list(float, gt=0, le=1), default=None,
+                       help="comma-separated label fractions (default 0.01,0.1)")
     group.add_argument("--split-file", default=None,
                        help="SimCLR split files (comma-separated, one per fraction, same order), e.g. "
                             "1percent.txt,10percent.txt; without: class-balanced subsets drawn with --seed")
     group.add_argument("--protocol", default=None, choices=["logreg", "finetune"],
                        help="logreg: scikit-learn logistic regression on frozen [CLS] features (default); "
                             "finetune: the --task finetune recipe on the subset (its flags apply)")
-    group.add_argument("--logreg-c", default=None, help="inverse regularisation strengths tried by stratified "
+    group.add_argument("--logreg-c", type=number_list(float, gt=0), default=None,
+                       help="inverse regularisation strengths tried by stratified "
                        "cross-validation on the subset (default 0.01,0.1,1,10)")
-    group.add_argument("--extract-batch-size", type=int, default=None, help="images per forward pass (default 64)")
+    group.add_argument("--extract-batch-size", type=number(int, ge=1), default=None,
+                       help="images per forward pass (default 64)")
     finetune_task.add_arguments(group)
 
 

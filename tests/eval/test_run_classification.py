@@ -14,7 +14,7 @@ from eval.run import main
 from pretrain.data import EvalImageFolder
 from transfer.features import extract
 
-from ..conftest import assert_one_line_error
+from ..conftest import assert_flag_error, assert_one_line_error
 
 COMMON = ["--image-size", "32", "--num-workers", "0"]
 
@@ -121,12 +121,20 @@ def test_semisup_finetune_protocol(digit_folders, tmp_path, tiny_checkpoint):
     assert (tmp_path / "ssft" / "50pct" / "checkpoint.pth").is_file()
 
 
-def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, caplog):
+def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, caplog, capsys):
     base = ["--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), *COMMON]
     lin = ["--task", "linear", *base, "--checkpoint", str(tiny_checkpoint)]
+    for argv, match in [([*lin, "--lrs", "fast"], "argument --lrs: 'fast' is not a float"),
+                        ([*lin, "--lrs", "0.1,0"], "argument --lrs: 0 must be > 0"),
+                        ([*lin, "--holdout-fraction", "1"], "argument --holdout-fraction: 1 must be >= 0 and < 1"),
+                        ([*lin, "--epochs", "0"], "argument --epochs: 0 must be >= 1"),
+                        (["--task", "finetune", *base, "--blr", "-1"], "argument --blr: -1 must be > 0"),
+                        (["--task", "semisup", *base, "--fractions", "0.1,1.5"],
+                         "argument --fractions: 1.5 must be > 0 and <= 1")]:
+        assert_flag_error(main, argv, capsys, match)
+    assert not (tmp_path / "o").exists()  # refused before the first byte
+    assert_one_line_error(main, [*lin, "--device", "gpu"], caplog, "--device gpu is not a device; use cpu, cuda")
     assert_one_line_error(main, [*lin, "--n-blocks", "1,4"], caplog, "asked for the last 4 blocks but")
-    assert_one_line_error(main, [*lin, "--lrs", "fast"], caplog, "--lrs 'fast' must be a comma-separated list")
-    assert_one_line_error(main, [*lin, "--holdout-fraction", "1"], caplog, "--holdout-fraction 1.0 must be in [0, 1)")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     assert_one_line_error(main, ["--task", "linear", *base, "--checkpoint", str(junk)], caplog, str(junk))

@@ -9,7 +9,7 @@ from PIL import Image
 from eval.results import sha256
 from eval.run import TASKS, main
 
-from ..conftest import assert_one_line_error
+from ..conftest import assert_flag_error, assert_one_line_error
 
 FAST = ["--short-side", "64", "--long-multiple", "32", "--no-overlays"]
 
@@ -104,3 +104,54 @@ def test_help_lists_tasks_and_their_flags(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "--task davis" in out and "--size-mask-neighborhood" in out and "davis: DAVIS-2017" in out
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_or_refused_run_leaves_the_earlier_outputs_as_they_were(davis_root, tiny_checkpoint, tmp_path,
+                                                                         caplog, capsys):
+    from eval.results import run_lock
+
+    out = tmp_path / "out"
+    argv = ["--task", "davis", "--data", str(davis_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+            str(out), "--short-side", "64", "--long-multiple", "32"]
+    assert main(argv) == 0
+    earlier = _files(out)
+    assert "results.json" in earlier and "beta/00003.png" in earlier and "overlays/beta.png" in earlier
+    # fails half-way: alpha is propagated, then a frame of beta cannot be read
+    frame = davis_root / "JPEGImages/480p/beta/00003.jpg"
+    good = frame.read_bytes()
+    frame.write_text("not a JPEG")
+    assert_one_line_error(main, [*argv, "--topk", "3"], caplog, "00003.jpg: cannot read this frame")
+    frame.write_bytes(good)
+    assert _files(out) == earlier and not (out / ".partial-davis").exists()
+    # refused before anything runs: bad numbers, a second run into the same folder, a folder inside the data
+    for flags, match in [(["--topk", "0"], "argument --topk: 0 must be >= 1"),
+                         (["--temperature", "0"], "argument --temperature: 0 must be > 0"),
+                         (["--temperature", "-0.1"], "argument --temperature: -0.1 must be > 0"),
+                         (["--n-blocks", "0"], "argument --n-blocks: 0 must be >= 1")]:
+        assert_flag_error(main, [*argv, *flags], capsys, match)
+    with run_lock(out):
+        assert_one_line_error(main, argv, caplog, "is in use by a running job (pid ")
+    inside = davis_root / "Annotations" / "480p"
+    before = _files(inside)
+    assert_one_line_error(main, [*argv[:-6], "--output-dir", str(inside)], caplog, "is inside --data")
+    assert _files(inside) == before and _files(out) == earlier
+
+
+def test_non_finite_weights_are_refused_or_recorded(davis_root, tiny_vit, tmp_path, caplog):
+    from bam.formats import backbone_checkpoint
+
+    with torch.no_grad():
+        tiny_vit.model.blocks[1].attn.proj.weight[0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    argv = ["--task", "davis", "--data", str(davis_root), "--checkpoint", str(path), "--output-dir",
+            str(tmp_path / "out"), *FAST]
+    assert_one_line_error(main, argv, caplog, "non-finite values (NaN/inf) in 1 tensor(s): blocks.1.attn.proj.weight")
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert main([*argv, "--allow-nonfinite"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "blocks.1.attn.proj.weight" in res["warnings"][0]

@@ -10,7 +10,7 @@ from pretrain.data import EvalImageFolder
 from transfer.features import extract
 from transfer.knn import knn_classify
 
-from ..conftest import assert_one_line_error
+from ..conftest import assert_flag_error, assert_one_line_error
 
 
 @pytest.fixture
@@ -35,10 +35,17 @@ def test_knn_task_equals_knn_classify_on_the_same_features(folders, tmp_path, ti
     assert res["metrics"]["top1_k5"] == pytest.approx(want["top1"]) and res["metrics"]["top5_k5"] == 100.0
 
 
-def test_knn_bad_input(folders, tmp_path, caplog):
+def test_knn_bad_input(folders, tmp_path, caplog, capsys):
     base = ["--task", "knn", "--data", str(folders), "--output-dir", str(tmp_path / "o"), "--image-size", "32",
             "--num-workers", "0"]
-    assert_one_line_error(main, [*base, "--k", "ten"], caplog, "--k 'ten' must be comma-separated integers")
+    for flags, match in [(["--k", "ten"], "argument --k: 'ten' is not an int"),
+                         (["--k", "20,0"], "argument --k: 0 must be >= 1"),
+                         (["--knn-temperature", "0"], "argument --knn-temperature: 0 must be > 0"),
+                         (["--knn-temperature", "-0.07"], "argument --knn-temperature: -0.07 must be > 0"),
+                         (["--knn-temperature", "nan"], "argument --knn-temperature: 'nan' is not a number"),
+                         (["--batch-size", "0"], "argument --batch-size: 0 must be >= 1")]:
+        assert_flag_error(main, [*base, *flags], capsys, match)
+    assert not (tmp_path / "o").exists()  # refused before the first byte
     (folders / "val" / "3").mkdir()
     (folders / "val" / "0" / next(iter(sorted((folders / "val" / "0").iterdir()))).name).rename(
         folders / "val" / "3" / "x.png")

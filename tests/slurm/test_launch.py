@@ -72,12 +72,14 @@ def test_an_eval_task_through_the_debug_executor_gives_the_in_process_numbers(kn
 
 
 def test_a_failing_job_reports_its_error_to_the_caller(knn_argv, tmp_path, caplog):
-    argv = [*knn_argv, "--k", "ten", "--output-dir", str(tmp_path), "--launcher", "local"]
+    # an input the job finds wrong only when it runs (flags are checked before submitting)
+    argv = [*knn_argv, "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"),
+            "--launcher", "local"]
     caplog.clear()
     assert eval_main(argv) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "--k 'ten' must be comma-separated integers" in errors[0], errors
-    assert [r["state"] for r in collect(tmp_path)] == ["FAILED"]
+    assert len(errors) == 1 and "nowhere is not a folder" in errors[0], errors
+    assert [r["state"] for r in collect(tmp_path / "out")] == ["FAILED"]
 
 
 def test_a_sweep_is_one_job_per_value(knn_argv, tmp_path):

@@ -87,12 +87,14 @@ def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folde
 
 
 def test_a_failing_job_reports_its_error_to_the_caller(knn_argv, tmp_path, caplog):
-    argv = [*knn_argv, "--k", "ten", "--output-dir", str(tmp_path), "--launcher", "slurm", "--wait"]
+    # an input the job finds wrong only when it runs (flags are checked before submitting)
+    argv = [*knn_argv, "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"),
+            "--launcher", "slurm", "--wait"]
     caplog.clear()
     assert eval_main(argv) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "--k 'ten' must be comma-separated integers" in errors[0], errors
-    assert [r["state"] for r in collect(tmp_path)] == ["FAILED"]
+    assert len(errors) == 1 and "nowhere is not a folder" in errors[0], errors
+    assert [r["state"] for r in collect(tmp_path / "out")] == ["FAILED"]
 
 
 def test_a_partition_that_does_not_exist_is_sbatchs_error_in_one_line(knn_argv, tmp_path, caplog):
