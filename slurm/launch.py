@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
+from submitit.local.debug import DebugJob
 
 from bam.checkpoint import latest_path
+from slurm.outcome import read_outcome
 from slurm.profiles import FIELDS, Profile, load_profile
 
 logger = logging.getLogger(__name__)
@@ -275,11 +277,23 @@ def wait_for(jobs: list[submitit.Job]) -> list[str | None]:
     """Wait for every job; ``None`` for a success, else the one-line reason it failed."""
     outcomes: list[str | None] = []
     for job in jobs:
-        try:
-            job.results()
-            outcomes.append(None)
-        except Exception as e:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
-            outcomes.append(f"job {job.job_id} failed: {failure_message(e)} (logs: {job.paths.stderr})")
+        if isinstance(job, DebugJob):  # ran in this process: its result is in memory, no file is read
+            try:
+                job.results()
+                outcomes.append(None)
+            except Exception as e:
+                outcomes.append(f"job {job.job_id} failed: {failure_message(e)}")
+            continue
+        job.wait()  # then its result files, read as plain data only (never plain pickle.load)
+        reasons = []
+        for task in range(job.num_tasks):
+            path = job.task(task).paths.result_pickle
+            outcome = read_outcome(path) if path.is_file() else ("error", f"no result (state {job.state})")
+            if outcome is None:
+                reasons.append(f"{path} holds more than plain data; not read")
+            elif outcome[0] != "success":
+                reasons.append(failure_message(RuntimeError(str(outcome[1]))))
+        outcomes.append(f"job {job.job_id} failed: {reasons[0]} (logs: {job.paths.stderr})" if reasons else None)
     return outcomes
 
 

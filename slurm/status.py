@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import submitit
 from submitit.core.utils import JobPaths
 
 from slurm.launch import JOB_RECORD
+from slurm.outcome import read_outcome
 
 
 def job_state(folder: str | os.PathLike, job_id: str, launcher: str) -> str:
@@ -17,12 +17,10 @@ def job_state(folder: str | os.PathLike, job_id: str, launcher: str) -> str:
     RUNNING or GONE for a local job by its controller process."""
     result = JobPaths(folder, job_id, task_id=0).result_pickle
     if result.is_file():
-        try:
-            with result.open("rb") as f:
-                outcome = pickle.load(f)[0]
-        except Exception:  # written by another version, or a class that no longer imports
-            return "FINISHED"
-        return "COMPLETED" if outcome == "success" else "FAILED"
+        outcome = read_outcome(result)  # never plain pickle.load: a crafted result file would run code
+        if outcome is None:
+            return "FINISHED"  # ended, with a result that is not plain data
+        return "COMPLETED" if outcome[0] == "success" else "FAILED"
     if launcher == "slurm":
         return submitit.SlurmJob(folder, job_id).state
     if launcher == "local":

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from submitit.core.utils import JobPaths
 
 from bam.checkpoint import load_file
 from eval.run import main as eval_main
@@ -21,6 +22,7 @@ from slurm.launch import (
     sweep_elements,
     wait_for,
 )
+from slurm.outcome import read_outcome
 from slurm.profiles import load_profile
 from slurm.status import collect
 
@@ -157,3 +159,29 @@ def test_launch_flags_without_a_launcher_and_status_of_nothing_are_one_line(knn_
                           "--wait waits for a submitted job")
     assert_one_line_error(eval_main, ["--status", str(tmp_path / "nowhere")], caplog, "is not a folder")
     assert_one_line_error(eval_main, ["--status", str(tmp_path)], caplog, "no job.json below it")
+
+
+class _WritesAMarker:
+    """What a crafted result file could hold: unpickling it would run os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_status_never_runs_code_from_a_result_file(knn_argv, tmp_path):
+    import pickle
+
+    assert eval_main([*knn_argv, "--output-dir", str(tmp_path / "run"), "--launcher", "local"]) == 0
+    [row] = collect(tmp_path / "run")
+    assert row["state"] == "COMPLETED"  # a plain-data result is read
+    record = json.loads((tmp_path / "run" / "job.json").read_text())
+    result = JobPaths(record["folder"], row["job_id"], task_id=0).result_pickle
+    marker = tmp_path / "pwned"
+    result.write_bytes(pickle.dumps(("success", _WritesAMarker(marker))))
+    assert [r["state"] for r in collect(tmp_path / "run")] == ["FINISHED"]
+    assert eval_main(["--status", str(tmp_path / "run")]) == 0
+    assert not marker.exists()
+    assert read_outcome(result) is None
