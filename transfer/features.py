@@ -5,8 +5,8 @@ for a ViT, the [CLS] token of each of the last ``n_blocks`` blocks (oldest first
 DINO) followed by the mean patch token of the last block; for a CNN, one slot, the globally pooled last stage.
 ``slots[:, n_blocks - 1]`` is what ``backbone(x)`` returns.
 
-The cache key covers the checkpoint's sha256 (or the random-init seed), arch, the list of image files with their
-sizes, the transform and the slot layout, so a changed input never reuses stale features.
+The cache key covers the checkpoint's sha256 (or the random-init seed), arch, the list of image files with the
+sha256 of their bytes, the transform and the slot layout, so a changed input never reuses stale features.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from bam.checkpoint import save_atomic
 from bam.distributed import all_gather_rows, get_dist_info
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images keyed by the sha256 of their bytes
 CACHED_BLOCKS = 4  # with the cache on, a ViT's last 4 blocks are stored (the linear grid's largest)
 
 
@@ -69,8 +69,40 @@ def extract(backbone: Backbone, dataset: Dataset, device: torch.device, batch_si
     return F.normalize(slots[:, 0], dim=1), labels
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 over an ImageFolder's (relative path, label, size in bytes) list (a Subset: its chosen samples)."""
+class FileDigests:
+    """sha256 of image files, each streamed once: kept in ``<root>/file_digests.json`` by absolute path with the
+    size and mtime it was computed for, and computed again when either changes."""
+
+    def __init__(self, root: Path):
+        self.path = root / "file_digests.json"
+        self.table: dict[str, list] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.changed = False
+
+    def __call__(self, path: str) -> str:
+        st = os.stat(path)
+        key = os.path.abspath(path)
+        known = self.table.get(key)
+        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            return known[2]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        self.table[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self.changed = True
+        return self.table[key][2]
+
+    def save(self) -> None:
+        if self.changed:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.table))
+            os.replace(tmp, self.path)
+            self.changed = False
+
+
+def dataset_fingerprint(dataset: Any, digest) -> str:
+    """sha256 over an ImageFolder's (relative path, label, sha256 of the file's bytes) list (a Subset: its chosen
+    samples): two data sets with the same names and sizes but other pixels never share features."""
     indices = None
     while isinstance(dataset, Subset):
         indices = [dataset.indices[i] for i in indices] if indices is not None else list(dataset.indices)
@@ -78,7 +110,7 @@ def dataset_fingerprint(dataset: Any) -> str:
     samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
     h = hashlib.sha256()
     for path, label in samples:
-        h.update(f"{os.path.relpath(path, dataset.root)}\0{label}\0{os.path.getsize(path)}\n".encode())
+        h.update(f"{os.path.relpath(path, dataset.root)}\0{label}\0{digest(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -96,6 +128,11 @@ class FeatureCache:
     def get_or_compute(self, parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch.Tensor]:
         if self.root is None:
             return compute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        digests = FileDigests(self.root)
+        parts = {**parts, "data": dataset_fingerprint(parts["data"], digests)}
+        if get_dist_info().rank == 0:
+            digests.save()
         path = self.root / f"{self.key(parts)}.pt"
         if path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -126,10 +163,15 @@ def cached_slots(cache: FeatureCache, model_id: dict[str, Any], backbone: Backbo
     base = dataset
     while isinstance(base, Subset):
         base = base.dataset
-    parts = {"model": model_id, "data": dataset_fingerprint(dataset), "transform": repr(base.transform),
+    # "data" is fingerprinted by content, and only when the cache is on (it reads every file once)
+    parts = {"model": model_id, "data": dataset, "transform": repr(base.transform),
              "n_blocks": n_extract, "slots": slot_count(backbone, n_extract)}
     slots, labels = cache.get_or_compute(
         parts, lambda: extract_slots(backbone, dataset, device, batch_size, workers, n_extract, desc))
+    finite = torch.isfinite(slots).flatten(1).all(dim=1)
+    if not finite.all():
+        raise ValueError(f"the backbone gave non-finite features (NaN/inf) for {int((~finite).sum())} of the "
+                         f"{len(finite)} {desc} images; its weights or the input images are broken")
     if backbone.is_vit and n_extract > n_blocks:  # the last n_blocks [CLS] slots, then the patch mean
         slots = torch.cat([slots[:, n_extract - n_blocks:n_extract], slots[:, -1:]], dim=1)
     return slots.cpu(), labels.cpu()

@@ -171,3 +171,44 @@ def test_linear_official_bam_preset_trains_on_augmented_views(digit_folders, tmp
     m = res["metrics"]
     assert "top1" not in m and m["top1_best_epoch_on_val"] == max(per_epoch) == per_epoch[m["best_epoch"] - 1]
     assert m["top1_last_epoch"] == per_epoch[-1]
+
+
+def test_the_feature_cache_keys_images_by_content_not_by_name_and_size(digit_folders, tmp_path, tiny_checkpoint,
+                                                                       caplog):
+    """Two data sets with the same file names, labels and byte sizes (BMP: size depends on the shape only) but other
+    pixels: the second must not be served the first one's features."""
+    from PIL import Image
+
+    def as_bmp(src, dst, shift):
+        for split in ("train", "val"):
+            files = sorted((src / split).glob("*/*.png"))
+            for i, f in enumerate(files):
+                out = dst / split / f.parent.name / f"{f.stem}.bmp"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(files[(i + shift) % len(files)]).convert("RGB").save(out)
+    a, b = tmp_path / "a", tmp_path / "b"
+    as_bmp(digit_folders, a, 0)
+    as_bmp(digit_folders, b, 7)  # other images under the same names
+    assert sorted(p.stat().st_size for p in a.rglob("*.bmp")) == sorted(p.stat().st_size for p in b.rglob("*.bmp"))
+    cache = ["--cache-features", "--cache-dir", str(tmp_path / "cache")]
+    _run("knn", a, tmp_path / "ka", tiny_checkpoint, "--k", "5", *cache)
+    caplog.clear()
+    on_b = _run("knn", b, tmp_path / "kb", tiny_checkpoint, "--k", "5", *cache)
+    assert "features from the cache" not in caplog.text and caplog.text.count("features cached") == 2
+    assert on_b["metrics"] == _run("knn", b, tmp_path / "kb2", tiny_checkpoint, "--k", "5")["metrics"]
+    digests = json.loads((tmp_path / "cache" / "features" / "file_digests.json").read_text())
+    assert len(digests) == 2 * 48  # every image hashed once, by its bytes
+
+
+def test_non_finite_features_are_an_error_not_a_score(digit_folders, tmp_path, tiny_vit, caplog):
+    from bam.formats import backbone_checkpoint
+
+    with torch.no_grad():
+        tiny_vit.model.cls_token.fill_(float("inf"))
+    path = tmp_path / "inf.pth"
+    torch.save(backbone_checkpoint(tiny_vit), path)
+    argv = ["--task", "knn", "--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), "--checkpoint",
+            str(path), *COMMON]
+    assert_one_line_error(main, argv, caplog, "non-finite values (NaN/inf) in 1 tensor(s): cls_token")
+    assert_one_line_error(main, [*argv, "--allow-nonfinite"], caplog, "the backbone gave non-finite features")
+    assert not (tmp_path / "o" / "results.json").exists()
