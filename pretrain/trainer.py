@@ -68,6 +68,30 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
+# flags a resumed run may change: they do not change what is trained (--epochs extends the schedule)
+RESUMABLE_CHANGES = {"epochs", "stop_after_epochs", "output_dir", "cache_dir", "device", "num_workers", "log_freq",
+                     "tensorboard", "wandb", "knn_freq", "knn_train", "knn_val", "knn_train_fraction", "saveckp_freq",
+                     "compile", "deterministic", "debug", "force_recipe_change"}
+
+
+def check_resume(path: Path, args: argparse.Namespace) -> tuple[dict, dict[str, tuple]]:
+    """The checkpoint to resume from and the recipe keys the new command line changes (only flags of
+    :data:`RESUMABLE_CHANGES`, unless --force-recipe-change); one-line errors otherwise."""
+    ckpt = load_file(path)
+    missing = [k for k in ("model", "optimizer", "scaler", "epoch", "config", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a pretraining checkpoint (no {', '.join(missing)}: a backbone-only file?); "
+                         "resume needs the checkpoint.pth a run writes, or use another --output-dir to start over")
+    old, new = ckpt["config"], vars(args)
+    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+               if k not in RESUMABLE_CHANGES and old.get(k, "<absent>") != new.get(k, "<absent>")}
+    if changed and not args.force_recipe_change:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{path} was trained with another recipe ({listed}); resuming would train it under "
+                         "the new values: use another --output-dir, or --force-recipe-change to resume anyway")
+    return ckpt, changed
+
+
 def resolve_data(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None, bool]:
     """(pretraining root, k-NN bank root, k-NN query root, is the built-in sample)."""
     if args.data:
@@ -147,7 +171,15 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device, info.local_rank)
     out = prepare_output_dir(args.output_dir)
     root, knn_train_root, knn_val_root, is_sample = resolve_data(args)
-    if info.is_main:
+    latest = latest_path(out)
+    for stale in out.glob(".*.tmp"):  # the temporary file of a save that was killed
+        if info.is_main:
+            stale.unlink(missing_ok=True)
+    resumed, recipe_changes = check_resume(latest, args) if latest.is_file() else (None, {})
+    if recipe_changes:
+        logger.warning("--force-recipe-change: resuming %s under a changed recipe: %s", latest,
+                       "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in recipe_changes.items()))
+    if info.is_main:  # written only once the resume is known to be consistent
         (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -211,9 +243,8 @@ def train(args: argparse.Namespace) -> dict:
         return res["top1"]
 
     start_epoch, history = 0, {}
-    latest = latest_path(out)
-    if latest.is_file():
-        ckpt = load_file(latest)
+    if resumed is not None:
+        ckpt = resumed
         student.load_state_dict(ckpt["model"])
         if teacher is not None:
             teacher.load_state_dict(ckpt["teacher"])
@@ -223,6 +254,9 @@ def train(args: argparse.Namespace) -> dict:
         set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_epoch, history = ckpt["epoch"], dict(ckpt.get("knn", {}))
         logger.info("resuming from %s: %d of %d epochs done", latest, start_epoch, args.epochs)
+        if recipe_changes:
+            monitor.log(start_epoch * steps, {"recipe_change": {k: list(v) for k, v in recipe_changes.items()}},
+                        kind="recipe_change")
     elif knn_sets is not None:
         history["before"] = knn("before training (random init)")
 

@@ -16,7 +16,7 @@ from pretrain.main import main
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
 
-from ..conftest import assert_one_line_error, tiny_args
+from ..conftest import assert_flag_error, assert_one_line_error, tiny_args
 
 W, B = 2, 4  # ranks, images per rank
 
@@ -75,17 +75,24 @@ def _fails(argv, caplog, match):
     assert_one_line_error(main, argv, caplog, match)
 
 
-def test_bad_input_fails_with_one_line(tiny_folder, tmp_path, caplog):
+def test_bad_input_fails_with_one_line(tiny_folder, tmp_path, caplog, capsys):
     out = tmp_path / "out"
+    for flags, match in [({"temperature": 0.0}, "argument --temperature: 0.0 must be > 0"),
+                         ({"reg": -0.05}, "argument --reg: -0.05 must be > 0"),
+                         ({"epochs": 0}, "argument --epochs: 0 must be >= 1"),
+                         ({"batch_size_per_gpu": 1}, "argument --batch-size-per-gpu/--batch_size_per_gpu: 1 must be >= 2"),
+                         ({"knn_train_fraction": 1.5}, "--knn-train-fraction/--knn_train_fraction: 1.5 must be > 0 and <= 1")]:
+        assert_flag_error(main, tiny_args(tiny_folder, out, **flags), capsys, match)
+    assert not out.exists()
     _fails(tiny_args(tmp_path / "nope", out), caplog, "nope does not exist; expected an ImageFolder tree")
     (tmp_path / "empty").mkdir()
     _fails(tiny_args(tmp_path / "empty", out), caplog, "has no class folders")
-    _fails(tiny_args(tiny_folder, out, batch_size_per_gpu=1), caplog, "--batch-size-per-gpu 1 is too small")
     _fails(tiny_args(tiny_folder, out, batch_size_per_gpu=64), caplog, "fewer than one global batch of 64")
     _fails(tiny_args(tiny_folder, out, arch="vit_gigantic"), caplog, "--arch vit_gigantic is unknown; known:")
     (tmp_path / "file").write_text("x")
     _fails(tiny_args(tiny_folder, tmp_path / "file" / "out"), caplog, "cannot write to --output-dir")
-    _fails(tiny_args(tiny_folder, out, temperature=0.0), caplog, "the loss is nan at step 0 (epoch 0, iteration 0)")
+    # a positive temperature so small that the attention overflows: the loss check stops the run
+    _fails(tiny_args(tiny_folder, out, temperature=1e-45), caplog, "the loss is nan at step 0 (epoch 0, iteration 0)")
 
 
 def test_an_unreadable_image_is_named(tiny_folder, tmp_path, caplog):
@@ -112,3 +119,33 @@ def test_config_files_set_defaults_and_unknown_keys_fail(tiny_folder, tmp_path, 
     with pytest.raises(SystemExit):
         main(["--epoch", "3"])
     assert "valid flags" in capsys.readouterr().err
+
+
+def test_a_rerun_with_another_recipe_is_refused_before_anything_is_written(tiny_folder, tmp_path, caplog):
+    import json
+
+    from bam.formats import backbone_checkpoint
+
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_folder, out, epochs=2, stop_after_epochs=1)) == 0
+    config, checkpoint = (out / "config.yaml").read_bytes(), (out / "checkpoint.pth").read_bytes()
+    assert_one_line_error(main, tiny_args(tiny_folder, out, epochs=2, temperature=0.3, lr=1e-3), caplog,
+                          "was trained with another recipe (lr: 0.0003 -> 0.001; temperature: 0.2 -> 0.3)")
+    assert (out / "config.yaml").read_bytes() == config and (out / "checkpoint.pth").read_bytes() == checkpoint
+    # a save killed mid-way left its temporary file: the next start removes it
+    (out / ".checkpoint.pth.abc123.tmp").write_bytes(b"half a checkpoint")
+    caplog.clear()
+    assert main(tiny_args(tiny_folder, out, epochs=3, temperature=0.3, force_recipe_change="true",
+                          stop_after_epochs=1)) == 0
+    assert "resuming from" in caplog.text and "--force-recipe-change: resuming" in caplog.text
+    assert not list(out.glob(".*.tmp"))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["recipe_change"] for r in records if r["kind"] == "recipe_change"] == [{"temperature": [0.2, 0.3]}]
+    caplog.clear()
+    assert main(tiny_args(tiny_folder, out, epochs=3, temperature=0.3)) == 0  # --epochs may change: it extends
+    assert "2 of 3 epochs done" in caplog.text
+    # a backbone-only file where the run's checkpoint should be
+    torch.save(backbone_checkpoint(build_backbone("vit_small_patch16_224", depth=1, embed_dim=16, num_heads=2,
+                                                  patch_size=8, img_size=16)), out / "checkpoint.pth")
+    assert_one_line_error(main, tiny_args(tiny_folder, out, epochs=3, temperature=0.3), caplog,
+                          "is not a pretraining checkpoint (no model, optimizer, scaler, epoch, config, rng")

@@ -35,3 +35,14 @@ def test_an_interrupted_generation_leaves_nothing(tmp_path):
     except KeyboardInterrupt:
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_generated_sample_is_readable_as_the_umask_says(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        target = ensure_generated(tmp_path / "sample", _slow_sample)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700: unreadable to colleagues

@@ -18,12 +18,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bam"
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def ensure_generated(target: Path, generate: Callable[[Path], None]) -> Path:
     """Run ``generate(tmp)`` once into a temporary sibling folder, then rename it to ``target`` (atomic)."""
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: a shared cache must be readable as the umask says
     try:
         logger.info("generating the built-in sample into %s (once)", target)
         generate(tmp)
