@@ -1,6 +1,7 @@
 """DAVIS-2017 on disk: sequences, frames, palette annotations, prediction PNGs and overlays."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from eval.davis_metrics import DavisInputError
 
+logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # DINO's and BAM's eval_video_segmentation.py normalise DAVIS frames with 0.228 in the red channel
@@ -47,7 +49,32 @@ def load_sequence(root: Path, name: str) -> Sequence:
     first = root / "Annotations" / "480p" / name / f"{frames[0].stem}.png"
     if not first.is_file():
         raise DavisInputError(f"{first}: the first-frame annotation of {name} is missing; propagation needs it")
+    check_frames_match_annotations(root, name)
     return Sequence(name, frames, first)
+
+
+def check_frames_match_annotations(root: Path, name: str) -> None:
+    """Scoring compares every frame with its annotation: a frame without one, or one without a frame, is named."""
+    img_dir, ann_dir = root / "JPEGImages" / "480p" / name, root / "Annotations" / "480p" / name
+    frames, annotations = {p.stem for p in img_dir.glob("*.jpg")}, {p.stem for p in ann_dir.glob("*.png")}
+    if frames - annotations:
+        missing = sorted(frames - annotations)
+        raise DavisInputError(f"{ann_dir / (missing[0] + '.png')}: missing ({len(missing)} of the {len(frames)} frames "
+                              f"of {name} have no annotation); scoring needs one per frame")
+    if annotations - frames:
+        missing = sorted(annotations - frames)
+        raise DavisInputError(f"{img_dir / (missing[0] + '.jpg')}: missing ({len(missing)} annotations of {name} have "
+                              "no frame); check JPEGImages/480p")
+
+
+def warn_about_id_gaps(path: Path, labels: np.ndarray) -> None:
+    """The official scoring counts objects 1..max id; an absent id scores as a perfect (empty == empty) object."""
+    ids = {int(i) for i in np.unique(labels)} - {0, 255}
+    absent = sorted(set(range(1, max(ids, default=0) + 1)) - ids)
+    if absent:
+        logger.warning("%s: object ids %s are absent from the first frame (ids %s present); the official protocol "
+                       "scores each absent id as a perfect object (J = F = 1), which inflates the mean: renumber the "
+                       "objects 1..%d", path, absent, sorted(ids), len(ids))
 
 
 def read_first_annotation(path: Path) -> tuple[np.ndarray, list[int]]:

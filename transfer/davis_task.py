@@ -27,6 +27,7 @@ from transfer.davis_io import (
     read_first_annotation,
     read_frame,
     sequence_names,
+    warn_about_id_gaps,
     write_indexed_png,
     write_overlay,
 )
@@ -133,15 +134,15 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 def _predict_and_score(ctx: TaskContext, args: argparse.Namespace, names: list[str], annotations: Path,
                        staging: Path) -> tuple[dict, Path]:
     """Propagate (or take --predictions) and score into ``staging``; returns the scores and the scored folder."""
+    sequences = [load_sequence(ctx.data_root, n) for n in names]  # check every sequence before any work
+    for s in sequences:
+        warn_about_id_gaps(s.first_annotation, read_first_annotation(s.first_annotation)[0])
     staging.mkdir(parents=True)
     if args.predictions:
         pred_dir = Path(args.predictions)
         if not pred_dir.is_dir():
             raise FileNotFoundError(f"--predictions {pred_dir} is not a folder of <seq>/<frame>.png")
     else:
-        sequences = [load_sequence(ctx.data_root, n) for n in names]  # check every sequence before any work
-        for s in sequences:
-            read_first_annotation(s.first_annotation)
         backbone = ctx.load_backbone().to(ctx.device).eval()
         if not backbone.is_vit:
             logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",

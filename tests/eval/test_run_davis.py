@@ -155,3 +155,29 @@ def test_non_finite_weights_are_refused_or_recorded(davis_root, tiny_vit, tmp_pa
     assert main([*argv, "--allow-nonfinite"]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "blocks.1.attn.proj.weight" in res["warnings"][0]
+
+
+def test_frames_and_annotations_that_do_not_pair_up_are_named(davis_root, tmp_path, caplog):
+    argv = ["--task", "davis", "--data", str(davis_root), "--output-dir", str(tmp_path / "o"), *FAST]
+    ann = davis_root / "Annotations/480p/beta/00003.png"
+    ann.rename(tmp_path / "a.png")
+    assert_one_line_error(main, argv, caplog, "beta/00003.png: missing (1 of the 6 frames of beta have no annotation)")
+    (tmp_path / "a.png").rename(ann)
+    jpg = davis_root / "JPEGImages/480p/beta/00003.jpg"
+    jpg.rename(tmp_path / "f.jpg")
+    assert_one_line_error(main, argv, caplog, "JPEGImages/480p/beta/00003.jpg: missing (1 annotations of beta have "
+                                              "no frame)")
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_absent_object_ids_are_warned_about(davis_root, tmp_path, caplog):
+    path = davis_root / "Annotations/480p/beta/00000.png"
+    with Image.open(path) as im:
+        labels, palette = np.array(im), im.getpalette()
+    labels[labels == 2] = 3  # objects 1 and 3: id 2 is absent and would score J = F = 1
+    out = Image.fromarray(labels, mode="P")
+    out.putpalette(palette)
+    out.save(path)
+    assert main(["--task", "davis", "--data", str(davis_root), "--output-dir", str(tmp_path / "o"), "--sequences",
+                 "beta", *FAST]) == 0
+    assert "object ids [2] are absent from the first frame (ids [1, 3] present)" in caplog.text
