@@ -72,15 +72,54 @@ class UnsafeCheckpointError(RuntimeError):
     pass
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    return len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _describe(head: bytes) -> str:
+    """What a file that is no readable checkpoint seems to hold, for the error message."""
+    text = head[:40]
+    if text and all(32 <= b < 127 or b in (9, 10, 13) for b in text):
+        return f"a text file starting {text.decode().splitlines()[0][:30]!r}"
+    if head.startswith(b"PK"):
+        return "a zip archive PyTorch cannot read (truncated or damaged)"
+    if head.startswith(b"\x80"):
+        return "a pickle PyTorch cannot read (truncated or damaged)"
+    return "neither a PyTorch zip/pickle nor a safetensors file"
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        return load_safetensors(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e!r})"
+                         f"; fetch the file again") from None
+
+
 def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
-    """Load a ``.pth``/``.pt``/``.pkl`` file with ``weights_only=True`` (plus :data:`SAFE_GLOBALS`).
+    """Load a checkpoint: ``.safetensors`` (recognised by its header) through the safetensors library, any other
+    ``.pth``/``.pt``/``.pth.tar``/``.pkl`` with ``torch.load(weights_only=True)`` (plus :data:`SAFE_GLOBALS`).
 
     A file whose pickle needs anything else is refused with :class:`UnsafeCheckpointError`, unless
-    ``trust=True`` (the user vouches for the file; its pickle may then run arbitrary code).
+    ``trust=True`` (the user vouches for the file; its pickle may then run arbitrary code). An empty, text or
+    otherwise unreadable file gives a one-line ValueError naming the path.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check --checkpoint")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download or save; fetch or copy it again")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if _looks_like_safetensors(head, size):
+        return _load_safetensors(path, map_location)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} is named .safetensors but holds {_describe(head)}; fetch the file again")
     if trust:
         logger.warning("loading %s with weights_only=False: its pickle can run arbitrary code", path)
         return torch.load(path, map_location=map_location, weights_only=False)
@@ -91,9 +130,14 @@ def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | 
         # torch names the offending global ("Unsupported global: GLOBAL posix.system ..."); garbage has none
         why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
         if why is None:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (the unpickler failed)") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint: it holds {_describe(head)} "
+                             f"(the unpickler failed)") from None
         raise UnsafeCheckpointError(
             f"refusing to load {path}: its pickle needs code beyond plain tensors and containers ({why}). "
             f"If you trust this file, pass --trust-checkpoint (load_backbone(..., trust=True))") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, ... on foreign bytes
+        found = _describe(head)
+        if not found.startswith("a text file"):  # torch's reason helps only for binary files (e.g. truncated zip)
+            found += f" ({str(e).split('. ')[0].splitlines()[0] if str(e).strip() else type(e).__name__})"
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it holds {found}; check the path, or fetch "
+                         f"the file again") from None

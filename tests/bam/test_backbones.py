@@ -7,27 +7,42 @@ import torch
 from bam import Backbone, build_backbone
 from bam.backbones import sincos_pos_embed_2d
 
-# (name, tiny kwargs, embed dim, feature stride)
+# (id, name, tiny kwargs, embed dim, feature stride)
 ARCHS = [
-    ("vit_small_patch16_224", dict(depth=1), 384, 16),
-    ("vit_base_patch16_224", dict(depth=1), 768, 16),
-    ("vit_small_patch8_224", dict(depth=1), 384, 8),
-    ("vit_small_mocov3_patch16_224", dict(depth=1), 384, 16),
-    ("resnet50", dict(layers=(1, 1, 1, 1)), 2048, 32),
-    ("caformer_m36", {}, 576, 32),
+    ("vit_small_patch16_224", "vit_small_patch16_224", dict(depth=1), 384, 16),
+    ("vit_base_patch16_224", "vit_base_patch16_224", dict(depth=1), 768, 16),
+    ("vit_small_patch8_224", "vit_small_patch8_224", dict(depth=1), 384, 8),
+    ("vit_small_mocov3_patch16_224", "vit_small_mocov3_patch16_224", dict(depth=1), 384, 16),
+    ("vit_small_patch14_dinov2", "vit_small_patch14_dinov2", dict(depth=2), 384, 14),
+    ("vit_small_patch14_reg4_dinov2", "vit_small_patch14_reg4_dinov2", dict(depth=2), 384, 14),
+    # DINOv2 checkpoints load with DINOv2's own interpolation; DINO/iBOT with DINO's; I-JEPA: no [CLS], sin-cos
+    ("dinov2[dinov2 rule]", "vit_small_patch14_dinov2", dict(depth=2, pos_embed_rule="dinov2"), 384, 14),
+    ("dinov2_reg4[dinov2_reg rule]", "vit_small_patch14_reg4_dinov2", dict(depth=2, pos_embed_rule="dinov2_reg"),
+     384, 14),
+    ("vit_small[dino rule]", "vit_small_patch16_224", dict(depth=1, pos_embed_rule="dino"), 384, 16),
+    ("vit_small[msn rule]", "vit_small_patch16_224", dict(depth=1, pos_embed_rule="msn"), 384, 16),
+    ("vit_small[no cls, sincos rule]", "vit_small_patch16_224",
+     dict(depth=1, class_token=False, pos_embed_rule="sincos"), 384, 16),
+    ("vit_small[no cls]", "vit_small_patch16_224", dict(depth=1, class_token=False), 384, 16),
+    ("resnet50", "resnet50", dict(layers=(1, 1, 1, 1)), 2048, 32),
+    ("caformer_m36", "caformer_m36", {}, 576, 32),
 ]
-SIZES = [(224, 224), (96, 96), (64, 112)]
+# 224, about 96 (a multiple of the patch: timm's patch embedding asserts it), non-square
+SIZES = {14: [(224, 224), (98, 98), (70, 112)]}
+DEFAULT_SIZES = [(224, 224), (96, 96), (64, 112)]
 
 
 @functools.cache
-def _built(name):  # each arch once for its three sizes
-    return build_backbone(name, **next(a[1] for a in ARCHS if a[0] == name)).eval()
+def _built(arch_id):  # each arch once for its three sizes
+    _, name, kw, _, _ = next(a for a in ARCHS if a[0] == arch_id)
+    return build_backbone(name, **kw).eval()
 
 
-@pytest.mark.parametrize("name,kw,dim,stride", ARCHS, ids=[a[0] for a in ARCHS])
-@pytest.mark.parametrize("hw", SIZES, ids=["224", "96", "64x112"])
-def test_backbone_interface_at_any_size(name, kw, dim, stride, hw):
-    bb = _built(name)
+@pytest.mark.parametrize("arch_id,name,kw,dim,stride", ARCHS, ids=[a[0] for a in ARCHS])
+@pytest.mark.parametrize("size", [0, 1, 2], ids=["224", "96", "non-square"])
+def test_backbone_interface_at_any_size(arch_id, name, kw, dim, stride, size):
+    hw = SIZES.get(stride, DEFAULT_SIZES)[size]
+    bb = _built(arch_id)
     assert isinstance(bb, Backbone) and bb.embed_dim == dim and bb.feature_stride == stride
     assert bb.patch_size == (stride if "vit" in name else None)
     with torch.no_grad():
@@ -39,6 +54,10 @@ def test_backbone_interface_at_any_size(name, kw, dim, stride, hw):
     assert out["cls"].shape == (1, dim)
     assert out["patch"].shape == (1, h * w, dim)
     assert torch.isfinite(out["patch"]).all()
+    if bb.is_vit:
+        with torch.no_grad():
+            last = bb.get_intermediate_layers(torch.randn(1, 3, *hw), n=1)[-1]
+        assert last["patch"].shape == (1, h * w, dim) and last["cls"].shape == (1, dim)
 
 
 def test_get_intermediate_layers_last_block_is_forward_features(tiny_vit):

@@ -61,3 +61,36 @@ def test_a_kill_during_saves_never_corrupts_the_last_good_file(tmp_path):
         proc.wait()
     got = load_file(path)
     assert got["step"] >= 3 and got["w"].shape == (4_000_000,)
+
+
+# ---------------------------------------------------------------------------------- files that are no checkpoint
+def _one_line_value_error(path, match):
+    with pytest.raises(ValueError) as info:
+        load_file(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and match in msg, msg
+
+
+def test_empty_text_and_truncated_files_are_one_line_errors(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    _one_line_value_error(tmp_path / "empty.pth", "is empty (0 bytes): an interrupted download or save")
+    (tmp_path / "readme.pth").write_text("<html>404 Not Found</html>\n")
+    _one_line_value_error(tmp_path / "readme.pth", "it holds a text file starting '<html>404 Not Found</html>'")
+    save_atomic({"w": torch.arange(1000.0)}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    _one_line_value_error(tmp_path / "cut.pth", "a zip archive PyTorch cannot read (truncated or damaged)")
+
+
+def test_safetensors_go_through_the_safetensors_library(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    weights = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.bin").write_bytes((tmp_path / "model.safetensors").read_bytes())  # recognised by content
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: pytest.fail("torch.load read a safetensors file"))
+    for name in ("model.safetensors", "model.bin"):
+        got = load_file(tmp_path / name)
+        assert set(got) == {"a", "b"} and all(torch.equal(got[k], weights[k]) for k in weights)
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x02}q\x00.")
+    _one_line_value_error(tmp_path / "pickle.safetensors", "is named .safetensors but holds a pickle")

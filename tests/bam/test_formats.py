@@ -1,6 +1,7 @@
 """Every checkpoint format, written in its own key layout from a tiny model, loads back to identical features."""
 import argparse
 import os
+import re
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_official_bam_vit_small_uses_12_heads_from_its_args(tmp_path):
 
 
 def test_dino_full_and_backbone_only(tmp_path):
-    src = _tiny()
+    src = _tiny(pos_embed_rule="dino")  # DINO's own interpolation at X's 4x6 grid (checked in test_pos_embed.py)
     sd = src.model.state_dict()
     full = {"student": {**_prefixed(sd, "module.backbone."), "module.head.last_layer.weight_g": torch.ones(3)},
             "teacher": {**_prefixed(sd, "backbone."), "head.mlp.0.weight": torch.ones(3, 3)},
@@ -93,7 +94,7 @@ def test_mae(tmp_path):
 
 
 def test_ibot_release_and_training_checkpoint(tmp_path):
-    src = _tiny()
+    src = _tiny(pos_embed_rule="dino")
     sd = src.model.state_dict()
     _assert_same(src, _save(tmp_path, {"state_dict": {**sd, "masked_embed": torch.zeros(32)}}, "a.pth"), "ibot",
                  num_heads=2)
@@ -214,3 +215,53 @@ def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
 def test_detect_format_on_an_unknown_object():
     with pytest.raises(ValueError, match="must be a dict"):
         detect_format([1, 2])
+
+
+# ------------------------------------------------------------------------------------- one-line loading errors
+def _one_line_error(path, match, **kw):
+    with pytest.raises(ValueError) as info:
+        load_backbone(path, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    assert re.search(match, msg), msg
+    return msg
+
+
+def test_weights_that_do_not_fit_or_differ_in_shape_name_the_file(tmp_path):
+    path = _save(tmp_path, backbone_checkpoint(_tiny()))
+    _one_line_error(path, r"weights do not fit the model: missing \['bn1.bias'", arch="resnet18")
+    _one_line_error(path, r"shapes differ from the model: \['cls_token: \(1, 1, 32\) vs model \(1, 1, 384\)",
+                    arch="vit_small_patch8_224", depth=2, num_heads=2)
+
+
+def test_empty_and_text_files_give_one_line_errors(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    _one_line_error(tmp_path / "empty.pth", r"is empty \(0 bytes\).*fetch or copy it again")
+    (tmp_path / "notes.pth").write_text("hello, this is not a checkpoint\n")
+    _one_line_error(tmp_path / "notes.pth", r"not a readable PyTorch checkpoint: it holds a text file starting "
+                                            r"'hello, this is not a checkpoin'; check the path")
+
+
+def test_missing_blocks_are_refused_not_built_shallower(tmp_path):
+    sd = _tiny().model.state_dict()  # 2 blocks
+    path = _save(tmp_path, sd, "two_blocks.pth")
+    # a depth-12 arch requested (vit_small_patch8_224's default depth) for a file with 2 blocks
+    _one_line_error(path, r"the file holds 2 blocks blocks \(blocks\.0-1\) where the model has 12 \(blocks\.0-11\)"
+                          r": a truncated checkpoint or the wrong arch", arch="vit_small_patch8_224", embed_dim=32,
+                    num_heads=2)
+    # our format names its arch: a file with a block cut out is refused
+    ckpt = backbone_checkpoint(_tiny(depth=3))
+    ckpt["backbone"] = {k: v for k, v in ckpt["backbone"].items() if not k.startswith("blocks.2.")}
+    _one_line_error(_save(tmp_path, ckpt, "cut.pth"), r"format bam, arch vit_small_patch16_224: the file holds 2 "
+                                                      r"blocks blocks \(blocks\.0-1\) where the model has 3")
+    # a gap in the blocks
+    gap = {k: v for k, v in _tiny(depth=3).model.state_dict().items() if not k.startswith("blocks.1.")}
+    _one_line_error(_save(tmp_path, gap, "gap.pth"), r"the weights hold blocks 0, 2: blocks 1 are missing",
+                    num_heads=2)
+    # a ViT-S (width 384) with 6 blocks: every released ViT-S has 12
+    torch.manual_seed(0)
+    six = build_backbone("vit_small_patch16_224", depth=6, img_size=32).model.state_dict()
+    msg = _one_line_error(_save(tmp_path, six, "vits_6.pth"), r"the weights hold 6 blocks \(blocks\.0-5\) of a "
+                                                              r"384-wide ViT, whose released models \(small\) have 12")
+    assert "pass depth=6" in msg
+    assert len(load_backbone(tmp_path / "vits_6.pth", depth=6).model.blocks) == 6
