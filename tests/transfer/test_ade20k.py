@@ -1,6 +1,7 @@
 """ADE20K in mmsegmentation: weight conversion, multi-level features, the compat ops, IoUMetric, the front door."""
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from eval import run as front
 from transfer import ade20k_task
 from transfer.samples import ade as ade_sample
 
-from ..conftest import TINY_VIT, assert_one_line_error
+from ..conftest import TINY_VIT, assert_flag_error, assert_one_line_error
 
 pytest.importorskip("mmseg", reason="the 'seg' extra: pip install -e '.[seg]'")
 import mmcv  # noqa: E402
@@ -198,6 +199,24 @@ def test_paper_preset_is_mmsegs_vit_recipe_and_short_runs_shrink_its_schedule(tm
     assert not cfg.train_dataloader.persistent_workers
 
 
+def test_cpu_sample_preset_inherits_the_512_base_with_its_own_pipelines():
+    """mmengine resolves a base file's names when it reads it: the sample's pipelines must reach its dataloaders."""
+    cfg = Config.fromfile(str(SAMPLE_CONFIG))
+    base = Config.fromfile(str(ade20k_task.CONFIGS / "_ade20k_512.py"))
+    train, val = cfg.train_dataloader, cfg.val_dataloader
+    assert [s.type for s in train.dataset.pipeline] == [s.type for s in base.train_dataloader.dataset.pipeline]
+    steps = {s.type: s for s in train.dataset.pipeline}
+    assert steps["RandomResize"].scale == (512, 128) and steps["RandomCrop"].crop_size == (128, 128)
+    assert [s.scale for s in val.dataset.pipeline if s.type == "Resize"] == [(512, 128)]
+    assert train.dataset.type == val.dataset.type == "BaseSegDataset"
+    assert (train.batch_size, train.num_workers, val.batch_size, val.num_workers) == (4, 2, 1, 2)
+    assert train.dataset.data_prefix == base.train_dataloader.dataset.data_prefix and train.dataset.reduce_zero_label
+    assert (cfg.train_cfg.max_iters, cfg.train_cfg.val_interval, cfg.train_cfg.type) == (400, 400, "IterBasedTrainLoop")
+    assert cfg.default_hooks.checkpoint.interval == -1 and not cfg.default_hooks.checkpoint.save_last
+    assert cfg.default_hooks.logger.interval == 20 and cfg.env_cfg.dist_cfg.backend == "gloo"
+    assert cfg.val_evaluator == base.val_evaluator and cfg.visualizer == base.visualizer
+
+
 def test_builtin_sample_is_deterministic_and_in_ade_layout(tmp_path):
     ade_sample.generate(tmp_path / "a")
     assert ade20k_task.check_layout(tmp_path / "a") == {"training": 40, "validation": 12}
@@ -254,11 +273,11 @@ def test_front_door_end_to_end_with_a_checkpoint(ade_front, ade_root, tiny_vit4,
     assert Path(res["mmseg_log_dir"]).is_dir() and Path(res["mmseg_log_dir"]).is_relative_to(out.resolve())
 
 
-def test_bad_input_is_one_line(ade_front, ade_root, tmp_path, caplog):
+def test_bad_input_is_one_line(ade_front, ade_root, tmp_path, caplog, capsys):
     argv = ["--task", "ade20k", "--data", str(ade_root), "--output-dir", str(tmp_path / "o"), *FAST]
     assert_one_line_error(ade_front, [*argv, "--classes", ","], caplog, "--classes is empty")
     assert_one_line_error(ade_front, [*argv, "--arch", "caformer_s18"], caplog, "arch caformer_s18 cannot run")
-    assert_one_line_error(ade_front, [*argv, "--iters", "0"], caplog, "--iters must be at least 1")
+    assert_flag_error(ade_front, [*argv, "--iters", "0"], capsys, "argument --iters: 0 must be >= 1")
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "transfer.mmseg_models", None)  # as if mmsegmentation were not installed
         assert_one_line_error(ade_front, argv, caplog, "pip install -e '.[seg]'")
@@ -266,3 +285,58 @@ def test_bad_input_is_one_line(ade_front, ade_root, tmp_path, caplog):
     assert_one_line_error(ade_front, argv, caplog, "1.jpg has no annotation")
     shutil.rmtree(ade_root / "annotations" / "training")
     assert_one_line_error(ade_front, argv, caplog, "annotations/training is missing")
+
+
+@pytest.fixture(scope="module")
+def ade_cache(tmp_path_factory):
+    """A cache folder holding the built-in ADE20K-layout sample (what the front door uses without --data)."""
+    cache = tmp_path_factory.mktemp("cache")
+    ade20k_task.builtin_sample(cache)
+    return cache
+
+
+@pytest.fixture
+def small_validation(monkeypatch):
+    """The presets' configs as the task builds them, validated at short side 64 instead of 512 (the training crop is
+    --crop-size; the test scale has no flag) and logging every iteration's losses instead of every 50th."""
+    build = ade20k_task.build_config
+
+    def build_small(*args, **kwargs):
+        cfg, source, counts = build(*args, **kwargs)
+        resize = [step for step in cfg.val_dataloader.dataset.pipeline if step.type == "Resize"]
+        assert [step.scale for step in resize] == [(2048, 512)]  # mmseg's ADE20K test scale, about to shrink
+        resize[0].scale = (256, 64)
+        cfg.default_hooks.logger.interval = 1
+        return cfg, source, counts
+
+    monkeypatch.setattr(ade20k_task, "build_config", build_small)
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_both_160k_presets_run_a_few_iterations_on_the_sample(family, ade_front, ade_cache, small_validation,
+                                                             tiny_vit4, tmp_path):
+    if family == "vit":
+        checkpoint = tmp_path / "tiny.pth"
+        torch.save(backbone_checkpoint(tiny_vit4), checkpoint)
+        model = ["--checkpoint", str(checkpoint)]
+    else:
+        model = ["--arch", "resnet18"]  # random init: the smallest ResNet the preset takes
+    out = tmp_path / "out"
+    assert ade_front(["--task", "ade20k", "--preset", "160k", "--cache-dir", str(ade_cache), "--output-dir", str(out),
+                      *model, "--iters", "2", "--batch-size", "2", "--crop-size", "64", "--num-workers", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert Path(res["config_source"]).name == ade20k_task.PRESETS["160k"][family]
+    assert res["backbone_family"] == family and res["iterations"] == 2 and res["data"]["builtin_sample"]
+    assert set(res["metrics"]) == {"mIoU", "mAcc", "aAcc"}
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in res["metrics"].values()), res["metrics"]
+    assert res["classes"] == list(ade_sample.CLASSES)
+    cfg = Config.fromfile(res["config_file"])  # the preset's recipe, shortened by the flags only
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr) == (("AdamW", 6e-5) if family == "vit" else ("SGD", 0.01))
+    assert cfg.model.decode_head.channels == 512 and cfg.model.auxiliary_head.channels == 256
+    assert cfg.train_cfg.max_iters == 2 and all(s.end == 2 for s in cfg.param_scheduler)
+    logged = [json.loads(line) for line in (Path(res["mmseg_log_dir"]) / "vis_data" / "scalars.json").open()]
+    losses = [entry for entry in logged if "loss" in entry]
+    assert [entry["iter"] for entry in losses] == [1, 2]
+    assert all(math.isfinite(entry[k]) for entry in losses for k in ("loss", "decode.loss_ce", "aux.loss_ce"))
+    assert (out / "mmseg" / "iter_2.pth").is_file()  # the preset's CheckpointHook also saves the last iteration

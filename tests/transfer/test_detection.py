@@ -147,19 +147,22 @@ def test_detectron2_vit_names_and_pickle(tmp_path):
         to_detectron2(build_backbone("vit_small_patch14_reg4_dinov2", depth=1, img_size=28))
 
 
-def test_converted_weights_fit_detectron2_models_exactly():
-    """With detectron2 installed: the exported names and shapes equal those of detectron2's own modules."""
-    pytest.importorskip("detectron2", reason="detectron2 is not on PyPI; built from source it runs this check")
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_converted_weights_fit_detectron2_models_exactly(detectron2, arch):
+    """The exported names and shapes equal those of detectron2's own modules (ResNet as the engine configures it:
+    basic blocks want the stage-2 width; ViTDet's ViT with the [CLS] slot of the pretraining position embedding)."""
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import ViT
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
     cfg = get_cfg()
-    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.STRIDE_IN_1X1 = 50, False
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.STRIDE_IN_1X1 = int(arch[len("resnet"):]), False
+    if cfg.MODEL.RESNETS.DEPTH < 50:
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     d2_resnet = {k: v.shape for k, v in build_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict().items()}
-    ours = {k: v.shape for k, v in to_detectron2(build_backbone("resnet50")).items()}
+    ours = {k: v.shape for k, v in to_detectron2(build_backbone(arch)).items()}
     assert ours == d2_resnet
     d2_vit = ViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, pretrain_img_size=32)
     ours = {k: v.shape for k, v in to_detectron2(build_backbone("vit_small_patch16_224", **TINY_VIT)).items()}

@@ -7,6 +7,11 @@
 #   - thin heads: neck and UperNet 64 channels, auxiliary FCN head 32 (512 / 256 in the recipe)
 #   - no checkpoint file (a ViT-S segmentor with AdamW states is ~260 MB); validation only at the end
 # transfer/ade20k_task.py fills data_root, the backbone, the classes and the flags you pass.
+# Everything not set here is _ade20k_512.py's (evaluator, hooks, runtime). mmengine resolves a base file's names when
+# it reads that file, so the base's dataloaders keep the base's pipelines: the ones below are set in the dataloaders
+# again (dicts merge into the base's, lists replace).
+_base_ = ['./_ade20k_512.py']
+
 crop_size = (128, 128)
 norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
@@ -26,7 +31,6 @@ model = dict(
     test_cfg=dict(mode='whole'))
 
 dataset_type = 'BaseSegDataset'  # the sample's own classes (transfer/samples/ade.py), ADE20K's file layout
-data_root = None
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
@@ -42,39 +46,12 @@ test_pipeline = [
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]
-dataset = dict(type=dataset_type, data_root=data_root, img_suffix='.jpg', seg_map_suffix='.png',
-               reduce_zero_label=True)
-train_dataloader = dict(
-    batch_size=4, num_workers=2, persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(**dataset, data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
-                 pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=1, num_workers=2, persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(**dataset, data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
-                 pipeline=test_pipeline))
-val_evaluator = dict(type='BamIoUMetric', iou_metrics=['mIoU'])
+train_dataloader = dict(batch_size=4, num_workers=2, dataset=dict(type=dataset_type, pipeline=train_pipeline))
+val_dataloader = dict(num_workers=2, dataset=dict(type=dataset_type, pipeline=test_pipeline))
 
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=0.001, betas=(0.9, 0.999),
                                                          weight_decay=0.01))
 param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=400, by_epoch=False)]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=400, val_interval=400)
-val_cfg = dict(type='ValLoop')
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
-
-default_scope = 'mmseg'
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='gloo'))
-vis_backends = [dict(type='LocalVisBackend')]
-# no fixed name (mmseg's is 'visualizer'): mmengine reuses a named visualizer, so a second run in the same process
-# would write into the first one's folder; the Runner names it after the run instead
-visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends)
-log_processor = dict(by_epoch=False)
-log_level = 'INFO'
+train_cfg = dict(max_iters=400, val_interval=400)
+default_hooks = dict(logger=dict(interval=20), checkpoint=dict(interval=-1, save_last=False))
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
