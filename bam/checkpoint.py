@@ -42,6 +42,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: colleagues read checkpoints as the umask says
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -51,6 +52,23 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves that a kill interrupted (``.<name>.<random>.tmp``, see
+    :func:`save_atomic`): call at the start of a run that owns ``folder``, before it saves anything."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) of interrupted saves in %s", len(stale), folder)
+    return stale
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:

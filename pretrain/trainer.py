@@ -20,6 +20,7 @@ from bam.checkpoint import (
     epoch_path,
     latest_path,
     load_file,
+    remove_stale_temporaries,
     save_atomic,
     state_dict_sha256,
 )
@@ -172,9 +173,8 @@ def train(args: argparse.Namespace) -> dict:
     out = prepare_output_dir(args.output_dir)
     root, knn_train_root, knn_val_root, is_sample = resolve_data(args)
     latest = latest_path(out)
-    for stale in out.glob(".*.tmp"):  # the temporary file of a save that was killed
-        if info.is_main:
-            stale.unlink(missing_ok=True)
+    if info.is_main:
+        remove_stale_temporaries(out)
     resumed, recipe_changes = check_resume(latest, args) if latest.is_file() else (None, {})
     if recipe_changes:
         logger.warning("--force-recipe-change: resuming %s under a changed recipe: %s", latest,

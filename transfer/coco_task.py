@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from bam.checkpoint import latest_path, load_file, save_atomic
+from bam.checkpoint import latest_path, load_file, remove_stale_temporaries, save_atomic
 from bam.distributed import get_dist_info
 from eval.context import TaskContext
 from eval.options import number, resolve_defaults
@@ -157,6 +157,8 @@ def train(model, train_set: CocoInstances, args: argparse.Namespace, device: tor
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
     ckpt_path, start = latest_path(output_dir), 0
+    if info.rank == 0:
+        remove_stale_temporaries(output_dir)
     run_id = {**json.loads(json.dumps(run_id, default=str)), "world_size": info.world_size}
     if ckpt_path.is_file():
         state = load_file(ckpt_path)

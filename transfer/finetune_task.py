@@ -26,7 +26,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from bam.backbones import Backbone
-from bam.checkpoint import latest_path, load_file, save_atomic
+from bam.checkpoint import latest_path, load_file, remove_stale_temporaries, save_atomic
 from eval.context import TaskContext
 from eval.options import number, resolve_defaults
 from pretrain.data import MEAN, STD, labelled_folder
@@ -158,6 +158,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
         LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
     ckpt_path, start_epoch, history = latest_path(output_dir), 0, []
+    remove_stale_temporaries(output_dir)
     if ckpt_path.is_file():
         state = load_file(ckpt_path)
         if state.get("run_id") == json.loads(json.dumps(run_id, default=str)):

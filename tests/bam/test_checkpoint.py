@@ -94,3 +94,20 @@ def test_safetensors_go_through_the_safetensors_library(tmp_path, monkeypatch):
         assert set(got) == {"a", "b"} and all(torch.equal(got[k], weights[k]) for k in weights)
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x02}q\x00.")
     _one_line_value_error(tmp_path / "pickle.safetensors", "is named .safetensors but holds a pickle")
+
+
+def test_checkpoints_are_readable_as_the_umask_says_and_stale_temporaries_go(tmp_path):
+    import os
+
+    from bam.checkpoint import remove_stale_temporaries, save_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = save_atomic({"x": torch.zeros(1)}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    (tmp_path / ".checkpoint.pth.k1ll3d.tmp").write_bytes(b"half")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".checkpoint.pth.k1ll3d.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "notes.tmp"]
