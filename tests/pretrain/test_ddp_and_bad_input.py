@@ -80,8 +80,9 @@ def test_bad_input_fails_with_one_line(tiny_folder, tmp_path, caplog, capsys):
     for flags, match in [({"temperature": 0.0}, "argument --temperature: 0.0 must be > 0"),
                          ({"reg": -0.05}, "argument --reg: -0.05 must be > 0"),
                          ({"epochs": 0}, "argument --epochs: 0 must be >= 1"),
-                         ({"batch_size_per_gpu": 1}, "argument --batch-size-per-gpu/--batch_size_per_gpu: 1 must be >= 2"),
-                         ({"knn_train_fraction": 1.5}, "--knn-train-fraction/--knn_train_fraction: 1.5 must be > 0 and <= 1")]:
+                         ({"batch_size_per_gpu": 1}, "--batch-size-per-gpu/--batch_size_per_gpu: 1 must be >= 2"),
+                         ({"knn_train_fraction": 1.5},
+                          "--knn-train-fraction/--knn_train_fraction: 1.5 must be > 0 and <= 1")]:
         assert_flag_error(main, tiny_args(tiny_folder, out, **flags), capsys, match)
     assert not out.exists()
     _fails(tiny_args(tmp_path / "nope", out), caplog, "nope does not exist; expected an ImageFolder tree")
