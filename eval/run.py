@@ -231,10 +231,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         data_root, is_sample = module.builtin_sample(cache), True
         logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
-    # validated before the first byte is written: a failed run leaves an earlier results.json as it was
+    # validated before the first byte is written: a failed run leaves an earlier results.json as it was, and a
+    # folder it created itself only if it wrote something there
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(output_dir, dist_info.rank == 0):
-        return _run_task(args, module, device, dist_info, output_dir, cache, data_root, is_sample, start)
+    try:
+        with run_lock(output_dir, dist_info.rank == 0):
+            return _run_task(args, module, device, dist_info, output_dir, cache, data_root, is_sample, start)
+    except BaseException:
+        if created and dist_info.rank == 0:
+            (output_dir / ".bam.lock").unlink(missing_ok=True)
+            if not any(output_dir.iterdir()):
+                output_dir.rmdir()
+        raise
 
 
 def _run_task(args: argparse.Namespace, module: ModuleType, device: torch.device, dist_info, output_dir: Path,

@@ -39,6 +39,10 @@ def check_image_folder(root: str | Path, flag: str = "--data") -> Path:
         raise ValueError(f"{flag} {root} has no class folders; expected <root>/<class>/<image> (one folder is fine)")
     if not any(f.suffix.lower() in IMG_EXTENSIONS for d in classes for f in d.iterdir()):
         raise ValueError(f"{flag} {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    for d in sorted(classes):  # each stops at its first image: cheap on ImageNet too
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in d.rglob("*")):
+            raise ValueError(f"{flag}: the class folder {d} holds no images ({', '.join(IMG_EXTENSIONS)}); add its "
+                             "images or remove it")
     return root
 
 

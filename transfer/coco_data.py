@@ -46,6 +46,16 @@ def load_coco(annotation_file: Path, image_dir: Path, require_instances: bool = 
     if absent:
         raise FileNotFoundError(f"{annotation_file}: {len(absent)} image files missing from {image_dir}, e.g. "
                                 f"{', '.join(absent[:3])}")
+    known_ids = {c["id"] for c in data["categories"]}
+    unknown = sorted({a["category_id"] for a in data["annotations"]} - known_ids)
+    if unknown:
+        raise ValueError(f"{annotation_file}: annotations use category ids {unknown[:5]} that 'categories' does not "
+                         f"list (it lists {sorted(known_ids)[:8]}{' ...' if len(known_ids) > 8 else ''}); add them "
+                         "to 'categories' or drop those annotations")
+    unknown_images = sorted({a["image_id"] for a in data["annotations"]} - {im["id"] for im in data["images"]})
+    if unknown_images:
+        raise ValueError(f"{annotation_file}: annotations refer to image ids {unknown_images[:5]} that 'images' does "
+                         "not list; the file is inconsistent")
     if require_instances:
         used = {a["category_id"] for a in data["annotations"]}
         empty = [c["name"] for c in data["categories"] if c["id"] not in used]

@@ -20,4 +20,7 @@ def labelled_splits(data_root: Path, image_size: int) -> tuple[EvalImageFolder, 
     train_set, val_set = EvalImageFolder(train_root, image_size), EvalImageFolder(val_root, image_size)
     if train_set.classes != val_set.classes:
         raise ValueError(f"{train_root} and {val_root} hold different class folders; they must match")
+    if len(train_set.classes) < 2:
+        raise ValueError(f"--data (train/) {train_root} holds one class ({train_set.classes[0]!r}); classification "
+                         "needs at least 2 class folders")
     return train_set, val_set

@@ -212,3 +212,24 @@ def test_non_finite_features_are_an_error_not_a_score(digit_folders, tmp_path, t
     assert_one_line_error(main, argv, caplog, "non-finite values (NaN/inf) in 1 tensor(s): cls_token")
     assert_one_line_error(main, [*argv, "--allow-nonfinite"], caplog, "the backbone gave non-finite features")
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_an_empty_class_folder_and_a_single_class_are_named(digit_folders, tmp_path, caplog):
+    import shutil
+
+    base = ["--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), *COMMON]
+    empty = digit_folders / "train" / "2"
+    kept = tmp_path / "kept"
+    shutil.move(str(empty), kept)
+    empty.mkdir()
+    assert_one_line_error(main, ["--task", "knn", *base], caplog, f"--data (train/): the class folder {empty} holds "
+                                                                  "no images")
+    empty.rmdir()
+    shutil.move(str(kept), empty)
+    for split in ("train", "val"):
+        for c in ("1", "2"):
+            shutil.rmtree(digit_folders / split / c)
+    for task in ("semisup", "linear"):
+        assert_one_line_error(main, ["--task", task, *base], caplog, "holds one class ('0'); classification needs at "
+                                                                     "least 2 class folders")
+    assert not (tmp_path / "o").exists()

@@ -69,7 +69,13 @@ def test_coco_bad_input(coco_root, tmp_path, tiny_checkpoint, caplog):
                           caplog, "caformer_s18: the torchvision detection engine takes ViTs and ResNets")
     ann = coco_root / "annotations" / "instances_train2017.json"
     data = json.loads(ann.read_text())
-    data["categories"].append({"id": 9, "name": "unicorn"})
+    kept = data["categories"]
+    data["categories"] = kept[1:]  # annotations of the first category now name an unlisted id
+    ann.write_text(json.dumps(data))
+    assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog,
+                          f"annotations use category ids [{kept[0]['id']}] that 'categories' does not list")
+    assert not (tmp_path / "o").exists()  # checked before training: nothing written
+    data["categories"] = [*kept, {"id": 9, "name": "unicorn"}]
     ann.write_text(json.dumps(data))
     assert_one_line_error(main, [*base, "--data", str(coco_root)], caplog, "categories without instances: unicorn")
     (coco_root / "train2017" / "000001.jpg").unlink()
