@@ -170,6 +170,9 @@ def train(args: argparse.Namespace) -> dict:
     if not info.is_main:  # rank 0 talks; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     device = resolve_device(args.device, info.local_rank)
+    if args.data and Path(args.output_dir).resolve().is_relative_to(Path(args.data).resolve()):
+        raise ValueError(f"--output-dir {args.output_dir} is inside --data {args.data}: its checkpoints would be "
+                         "read as training images; write elsewhere")
     out = prepare_output_dir(args.output_dir)
     root, knn_train_root, knn_val_root, is_sample = resolve_data(args)
     latest = latest_path(out)

@@ -81,7 +81,24 @@ def write_detectron2_weights(backbone: Backbone, path: Path) -> Path:
     return path
 
 
+# what a pickle of numpy arrays needs, and nothing that can run code
+_NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar")}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a detectron2 weights file holds numpy arrays")
+        return super().find_class(module, name)
+
+
 def read_detectron2_weights(path: Path) -> dict[str, np.ndarray]:
-    """Our own export, read back (numpy arrays only, so plain unpickling of trusted output)."""
+    """Our export read back by an unpickler that resolves numpy's array constructors only: a crafted file in the
+    output folder cannot run code here."""
     with open(path, "rb") as f:
-        return pickle.load(f)["model"]  # noqa: S301 - a file this module wrote
+        try:
+            return _NumpyUnpickler(f).load()["model"]
+        except (pickle.UnpicklingError, KeyError, EOFError) as e:
+            raise ValueError(f"{path} is not a detectron2 weights file this project wrote ({e})") from None

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         held_slots = (train_slots[hold_idx], train_labels[hold_idx]) if hold_idx else None
         batches = feature_batches(train_slots[train_idx], train_labels[train_idx], args.batch_size, args.seed,
                                   ctx.device)
-    log_path = ctx.output_dir / "log.jsonl"
+    log_path = ctx.output_dir / ".log.jsonl.partial"  # becomes log.jsonl once trained: a failed run keeps the old one
     log_path.unlink(missing_ok=True)
     per_epoch = args.select == "best_epoch_on_val"
     val_on_device = [t.to(ctx.device) for t in val_slots]
@@ -161,6 +162,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             logger.info("epoch %d/%d: mean head loss %.4f", epoch + 1, args.epochs, loss)
 
     train_grid(grid, batches, args.epochs, args.batch_size, on_epoch)
+    os.replace(log_path, ctx.output_dir / "log.jsonl")
     if per_epoch:
         chosen, outcome = _best_epoch_outcome(val_history, specs, train_set, len(train_idx), len(val_set))
         _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)  # as trained, last

@@ -92,6 +92,8 @@ def test_bad_input_fails_with_one_line(tiny_folder, tmp_path, caplog, capsys):
     _fails(tiny_args(tiny_folder, out, arch="vit_gigantic"), caplog, "--arch vit_gigantic is unknown; known:")
     (tmp_path / "file").write_text("x")
     _fails(tiny_args(tiny_folder, tmp_path / "file" / "out"), caplog, "cannot write to --output-dir")
+    _fails(tiny_args(tiny_folder, tiny_folder / "run"), caplog, "is inside --data")
+    assert not (tiny_folder / "run").exists()
     # a positive temperature so small that the attention overflows: the loss check stops the run
     _fails(tiny_args(tiny_folder, out, temperature=1e-45), caplog, "the loss is nan at step 0 (epoch 0, iteration 0)")
 

@@ -167,3 +167,20 @@ def test_converted_weights_fit_detectron2_models_exactly(detectron2, arch):
     d2_vit = ViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, pretrain_img_size=32)
     ours = {k: v.shape for k, v in to_detectron2(build_backbone("vit_small_patch16_224", **TINY_VIT)).items()}
     assert ours == {k: v.shape for k, v in d2_vit.state_dict().items()}
+
+
+def test_reading_an_export_never_runs_code_from_it(tmp_path):
+    import os
+    import pickle
+
+    from transfer.detectron2_export import read_detectron2_weights
+
+    class Crafted:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    path = tmp_path / "detectron2_weights.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": Crafted()}}))
+    with pytest.raises(ValueError, match="refusing posix.system"):
+        read_detectron2_weights(path)
+    assert not (tmp_path / "pwned").exists()
