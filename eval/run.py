@@ -93,8 +93,9 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     suite.add_argument("--status", default=None, metavar="DIR",
                        help="list the jobs launched under DIR (a run's or a suite's --output-dir) and their states")
     parser.add_argument("--checkpoint", default=None,
-                        help="any checkpoint load_backbone reads (ours, official BAM, DINO, MoCo v3, MAE, iBOT, "
-                             "DINOv2, timm, torchvision, SwAV); none: a random-init baseline of --arch")
+                        help="any checkpoint load_backbone reads (ours, official BAM, DINO, iBOT, MoCo v1/v2/v3, MAE, "
+                             "DINOv2 hub/teacher/linear, MSN, I-JEPA, timm, torchvision, SwAV; .pth or .safetensors); "
+                             "none: a random-init baseline of --arch")
     parser.add_argument("--arch", default=None, help=f"backbone name (default: from the checkpoint, or {DEFAULT_ARCH} "
                         f"without one); known: {', '.join(sorted(ARCHS))}")
     parser.add_argument("--format", default="auto", choices=["auto", *CONVERTERS], help="checkpoint format")
