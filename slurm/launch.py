@@ -288,6 +288,9 @@ def wait_for(jobs: list[submitit.Job]) -> list[str | None]:
         reasons = []
         for task in range(job.num_tasks):
             path = job.task(task).paths.result_pickle
+            deadline = time.time() + 15  # a shared file system may show the file after sacct shows the end
+            while not path.is_file() and time.time() < deadline:
+                time.sleep(1)
             outcome = read_outcome(path) if path.is_file() else ("error", f"no result (state {job.state})")
             if outcome is None:
                 reasons.append(f"{path} holds more than plain data; not read")
