@@ -7,7 +7,8 @@ Figures (wall seconds, and the ratio to the in-process baseline measured in the 
   - the same command through ``--launcher local`` (submitit's local executor: a new Python process) and
     ``--launcher slurm --wait`` (sbatch, scheduling, the job, submitit's result file);
   - requeue turnaround on SLURM: a tiny pretraining job is signalled as preempted once its first checkpoint is
-    on disk; the figure is the time from the signal until the requeued job runs again, and the job's total.
+    on disk; the figures are the time from the signal until the requeued job runs again, and the time from
+    submission until the job (preempted once) has finished.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def cluster_answers() -> bool:
 
 def requeue_turnaround(work: Path, images: Path) -> tuple[float, float]:
     out = work / "requeue"
-    jobs = submit("pretrain", tiny_args(images, out, epochs=8), out, "slurm", load_profile("local", time_min=30))
     start = time.perf_counter()
+    jobs = submit("pretrain", tiny_args(images, out, epochs=8), out, "slurm", load_profile("local", time_min=30))
     while not (out / "checkpoint.pth").is_file():
         time.sleep(0.05)
     signalled = time.perf_counter()
@@ -96,7 +97,7 @@ def main() -> None:
         if "--launcher slurm --wait" in ways:
             back, total = requeue_turnaround(work, data / "train")  # pretraining ignores the class folders
             print(f"SLURM requeue: {back:.1f} s from the preemption signal to the job running again; "
-                  f"{total:.1f} s for the whole 8-epoch job")
+                  f"{total:.1f} s from submission to the end of the whole 8-epoch job")
         else:
             print("no SLURM cluster answers: SLURM figures skipped (slurm/local_cluster.sh up)")
 

@@ -2,7 +2,8 @@
 
     python bench/pretrain_step.py [--batch 8] [--device cpu]
 
-Prints images/s, the time split into data (multi-crop augmentation of real photographs, one process),
+Prints images/s from the step time (the sum of the median times of its parts, each measured over --repeats steps
+after a warm-up), the time split into data (multi-crop augmentation of real photographs, one process),
 forward (student and teacher), loss, backward and optimizer (+ EMA), the achieved GFLOP/s of forward+backward
 (FLOPs counted by torch.utils.flop_counter) and its ratio to a plain fp32 matmul measured in the same run.
 """
@@ -106,7 +107,8 @@ def main():
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} images "
           f"x (2 x 224 + 6 x 96)")
     no_data = args.batch / (total - med["data"])
-    print(f"step {total * 1e3:8.0f} ms   {args.batch / total:6.2f} images/s   {no_data:6.2f} images/s without data")
+    print(f"step (sum of the parts' medians) {total * 1e3:8.0f} ms   {args.batch / total:6.2f} images/s   "
+          f"{no_data:6.2f} images/s over the parts other than data")
     for k, v in med.items():
         print(f"   {k:<10} {v * 1e3:8.0f} ms  {100 * v / total:5.1f}%")
     print(f"forward+loss+backward: {flops / 1e9:.0f} GFLOP in {compute:.2f} s = {achieved:.1f} GFLOP/s; "
