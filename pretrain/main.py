@@ -121,7 +121,7 @@ def get_args_parser() -> _Parser:
     p.add("num_workers", type=number(int, ge=0), default=2, help="DataLoader workers per process")
     # optimisation
     p.add("optimizer", default="adamw", choices=["adamw", "sgd", "lars"])
-    p.add("lr", type=number(float, gt=0), default=3e-4,
+    p.add("lr", type=number(float, ge=0), default=3e-4,
           help="peak learning rate per 256 images (scaled by the global batch)")
     p.add("min_lr", type=number(float, ge=0), default=1e-6,
           help="final lr of the cosine schedule, an absolute value as in the "
