@@ -42,7 +42,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: colleagues read checkpoints as the umask says
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: colleagues read checkpoints as the umask says
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -54,7 +54,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

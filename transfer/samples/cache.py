@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from bam.checkpoint import current_umask
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,12 +18,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("BAM_CACHE"):
         return Path(os.environ["BAM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bam"
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def ensure_generated(target: Path, generate: Callable[[Path], None]) -> Path:
