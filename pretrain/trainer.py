@@ -75,6 +75,10 @@ RESUMABLE_CHANGES = {"epochs", "stop_after_epochs", "output_dir", "cache_dir", "
                      "compile", "deterministic", "debug", "force_recipe_change"}
 
 
+def describe_changes(changed: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+
+
 def check_resume(path: Path, args: argparse.Namespace) -> tuple[dict, dict[str, tuple]]:
     """The checkpoint to resume from and the recipe keys the new command line changes (only flags of
     :data:`RESUMABLE_CHANGES`, unless --force-recipe-change); one-line errors otherwise."""
@@ -87,9 +91,9 @@ def check_resume(path: Path, args: argparse.Namespace) -> tuple[dict, dict[str, 
     changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
                if k not in RESUMABLE_CHANGES and old.get(k, "<absent>") != new.get(k, "<absent>")}
     if changed and not args.force_recipe_change:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{path} was trained with another recipe ({listed}); resuming would train it under "
-                         "the new values: use another --output-dir, or --force-recipe-change to resume anyway")
+        raise ValueError(f"{path} was trained with another recipe ({describe_changes(changed)}); resuming would "
+                         "train it under the new values: use another --output-dir, or --force-recipe-change to "
+                         "resume anyway")
     return ckpt, changed
 
 
@@ -181,7 +185,7 @@ def train(args: argparse.Namespace) -> dict:
     resumed, recipe_changes = check_resume(latest, args) if latest.is_file() else (None, {})
     if recipe_changes:
         logger.warning("--force-recipe-change: resuming %s under a changed recipe: %s", latest,
-                       "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in recipe_changes.items()))
+                       describe_changes(recipe_changes))
     if info.is_main:  # written only once the resume is known to be consistent
         (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     if args.deterministic:

@@ -119,11 +119,10 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for entry in sorted(staging.rglob("*"), reverse=True):  # files before their folders
-        if entry.is_file():
-            dest = ctx.output_dir / entry.relative_to(staging)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(entry, dest)
+    for entry in [p for p in staging.rglob("*") if p.is_file()]:
+        dest = ctx.output_dir / entry.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, dest)
     shutil.rmtree(staging, ignore_errors=True)
     global_csv, seq_csv = (ctx.output_dir / f"{kind}_results-{args.set}.csv" for kind in ("global", "per-sequence"))
     logger.info("wrote %s and %s", global_csv, seq_csv)
