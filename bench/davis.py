@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.davis_metrics import evaluate  # noqa: E402
 from tests.transfer.reference_propagation import straightforward_propagation  # noqa: E402
-from transfer.davis import propagate_labels  # noqa: E402
+from transfer.davis.propagation import propagate_labels  # noqa: E402
+from transfer.davis.scoring import evaluate  # noqa: E402
 
 
 def smooth_features(t_len, h, w, d, seed=0):

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bam import build_backbone  # noqa: E402
-from transfer.detection import build_mask_rcnn  # noqa: E402
+from transfer.coco.mask_rcnn import build_mask_rcnn  # noqa: E402
 
 
 def sync(device):

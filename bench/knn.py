@@ -7,7 +7,7 @@ Figures (time, queries/s, ratio to the baseline measured in the same run, and wh
   - baseline: our rewrite (not the official code) of DINO's ``knn_classifier`` in eval_knn.py of
     facebookresearch/dino, line for line on one process: 100 queries per chunk, votes through a
     ``[chunk * k, classes]`` one-hot matrix, top-1 and top-5 counted;
-  - ours, ``transfer.knn.knn_classify`` with the torch backend (blocked matmul + top-k + scatter_add vote);
+  - ours, ``transfer.classification.knn.knn_classify``, torch backend (blocked matmul + top-k + scatter_add vote);
   - ours with the faiss backend (exact ``IndexFlatIP``), when faiss is installed.
 Features are random unit vectors with class structure (cluster centres + noise), so accuracy is well above chance.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transfer.knn import knn_classify  # noqa: E402
+from transfer.classification.knn import knn_classify  # noqa: E402
 
 
 @torch.no_grad()

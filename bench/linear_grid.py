@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bam import build_backbone  # noqa: E402
+from eval.tasks.linear import DINOV2_LRS  # noqa: E402
+from transfer.classification.linear import HeadSpec, LinearGrid, feature_batches, train_grid  # noqa: E402
 from transfer.features import feature_slots  # noqa: E402
-from transfer.linear import HeadSpec, LinearGrid, feature_batches, train_grid  # noqa: E402
-from transfer.linear_task import DINOV2_LRS  # noqa: E402
 
 LRS = [float(v) for v in DINOV2_LRS.split(",")]
 SPECS = [HeadSpec(lr, n, p) for n in (1, 4) for p in (False, True) for lr in LRS]

@@ -17,13 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from eval.tasks import TASKS, task_spec  # noqa: E402
+
 logger = logging.getLogger(__name__)
-
-# task -> the metric its paper table reports (knn and semisup: the first of their kind)
-HEADLINE = {"davis": "J&F-Mean", "knn": "top1_k20", "linear": "top1", "finetune": "top1", "semisup": "top1_",
-            "coco": "bbox/AP", "ade20k": "mIoU"}
-TO_PERCENT = {"davis": 100.0}  # DAVIS scores are fractions, as the official CSVs write them
-
 
 def step_results(spec: dict, output_dir: Path) -> dict[str, dict | None]:
     """step (or step/array-element) -> its results.json, None when it has none (failed, skipped, not run)."""
@@ -39,10 +35,10 @@ def step_results(spec: dict, output_dir: Path) -> dict[str, dict | None]:
 
 
 def headline(results: dict) -> tuple[str, float] | None:
-    want = HEADLINE.get(results.get("task"), "")
-    metrics = {k: v for k, v in results.get("metrics", {}).items() if isinstance(v, (int, float))}
-    keys = [k for k in metrics if k == want] or [k for k in metrics if want and k.startswith(want)]
-    return (keys[0], TO_PERCENT.get(results["task"], 1.0) * float(metrics[keys[0]])) if keys else None
+    """(metric, percent) of a task's results.json, as its TaskSpec declares; None for pretraining or a task whose
+    results lack the metric."""
+    task = results.get("task")
+    return task_spec(task).headline_metric(results.get("metrics", {})) if task in TASKS else None
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

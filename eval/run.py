@@ -17,12 +17,10 @@ data, resolved config, versions, seconds) and prints a short table.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -30,49 +28,27 @@ import torch  # noqa: E402
 
 from bam.backbones import ARCHS, Backbone, build_backbone  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
+from bam.cli import FlagParser, HelpFormatter, document_defaults, resolve_device, setup_logging  # noqa: E402
 from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E402
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
+from bam.results import run_lock, sha256, versions, write_results  # noqa: E402
+from bam.samples.cache import default_cache_dir  # noqa: E402
 from eval.context import TaskContext  # noqa: E402
-from eval.results import format_table, run_lock, sha256, versions, write_results  # noqa: E402
 from eval.suite import run_suite  # noqa: E402
+from eval.tasks import TASKS, TaskSpec, task_spec  # noqa: E402
 from slurm.launch import add_launch_arguments, check_in_process, launch  # noqa: E402
 from slurm.status import collect, format_status  # noqa: E402
 from transfer.features import FeatureCache  # noqa: E402
-from transfer.samples.cache import default_cache_dir  # noqa: E402
 
 logger = logging.getLogger("eval.run")
 
-# task name -> module with HELP, add_arguments(group), builtin_sample(cache_dir), run(ctx, args)
-TASKS: dict[str, str] = {
-    "davis": "transfer.davis_task",
-    "knn": "transfer.knn_task",
-    "linear": "transfer.linear_task",
-    "finetune": "transfer.finetune_task",
-    "semisup": "transfer.semisup_task",
-    "coco": "transfer.coco_task",
-    "ade20k": "transfer.ade20k_task",
-}
 DEFAULT_ARCH = "vit_small_patch16_224"
 
 
-def task_module(name: str) -> ModuleType:
-    return importlib.import_module(TASKS[name])
-
-
-class FrontDoorParser(argparse.ArgumentParser):
-    """argparse that names the valid flags when it meets an unknown one."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if "unrecognized arguments" in message:
-            flags = sorted({s for a in self._actions for s in a.option_strings if s.startswith("--")})
-            message += f"; valid flags: {' '.join(flags)}"
-        super().error(message)
-
-
 def get_args_parser(task: str | None) -> argparse.ArgumentParser:
-    tasks = "; ".join(f"{n}: {task_module(n).HELP}" for n in TASKS)
+    tasks = "; ".join(f"{n}: {task_spec(n).help}" for n in TASKS)
     # tasks share flag names with one meaning (--image-size, --epochs, ...); the all-tasks help lists each once
-    parser = FrontDoorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = FlagParser(description=__doc__, formatter_class=HelpFormatter,
                              allow_abbrev=False,
                              epilog=f"tasks: {tasks}" + ("" if task else ". Tasks share some flag names; "
                                                           "'--task NAME --help' lists one task's flags and defaults"),
@@ -115,21 +91,20 @@ def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_launch_arguments(parser)
     for name in [task] if task else TASKS:
-        module = task_module(name)
-        module.add_arguments(parser.add_argument_group(f"--task {name}", module.HELP))
+        spec = task_spec(name)
+        group = parser.add_argument_group(f"--task {name}", spec.help)
+        spec.add_arguments(group)
+        document_defaults(group, spec.defaults, spec.sample)
     return parser
 
 
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    return device
+def format_table(task: str, metrics: dict[str, float], label: str) -> str:
+    """A short fixed-width table of the headline metrics."""
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [f"{task} -- {label}", "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>9.4f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>9}"
+              for k, v in metrics.items()]
+    return "\n".join(lines)
 
 
 def check_finite(backbone: Backbone, source: str, allow: bool, info: dict) -> None:
@@ -173,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--task")
     pre.add_argument("--status")
     known, _ = pre.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     if known.status:
         try:
             print(format_status(collect(known.status)))
@@ -206,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     start = time.time()
-    module = task_module(args.task)
+    spec = task_spec(args.task)
     device = resolve_device(args.device)
     dist_info = init_distributed(device)  # under torchrun or srun: one rank per process
     if dist_info.world_size > 1:
-        if not getattr(module, "DISTRIBUTED", False):
+        if not spec.distributed:
             raise ValueError(f"--task {args.task} runs in one process; start it without torchrun / srun "
                              f"(tasks that run on several processes: "
-                             f"{', '.join(n for n in TASKS if getattr(task_module(n), 'DISTRIBUTED', False))})")
+                             f"{', '.join(n for n in TASKS if task_spec(n).distributed)})")
         if device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
@@ -230,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--output-dir {output_dir} is inside --data {data_root}: a run must never write into "
                              "its data set (it could overwrite the ground truth); write elsewhere")
     else:
-        data_root, is_sample = module.builtin_sample(cache), True
+        data_root, is_sample = spec.builtin_sample(cache), True
         logger.info("no --data: using the built-in sample at %s (generated, not the real data set)", data_root)
     # validated before the first byte is written: a failed run leaves an earlier results.json as it was, and a
     # folder it created itself only if it wrote something there
@@ -238,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(output_dir, dist_info.rank == 0):
-            return _run_task(args, module, device, dist_info, output_dir, cache, data_root, is_sample, start)
+            return _run_task(args, spec, device, dist_info, output_dir, cache, data_root, is_sample, start)
     except BaseException:
         if created and dist_info.rank == 0:
             (output_dir / ".bam.lock").unlink(missing_ok=True)
@@ -247,13 +221,13 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
-def _run_task(args: argparse.Namespace, module: ModuleType, device: torch.device, dist_info, output_dir: Path,
+def _run_task(args: argparse.Namespace, spec: TaskSpec, device: torch.device, dist_info, output_dir: Path,
               cache: Path, data_root: Path, is_sample: bool, start: float) -> int:
     info: dict = {"checkpoint": None, "checkpoint_sha256": None, "checkpoint_format": None, "random_init": None,
                   "arch": None}
     ctx = TaskContext(device, output_dir, data_root, is_sample, make_backbone_loader(args, info), info,
                       FeatureCache(cache / "features" if args.cache_features else None))
-    outcome = module.run(ctx, args)
+    outcome = spec.run(ctx, args)
     info.pop("seed", None)
     metrics = outcome.pop("metrics")
     results = {"task": args.task, "metrics": metrics, **info,

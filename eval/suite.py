@@ -23,14 +23,14 @@ from pathlib import Path
 import yaml
 
 from bam.checkpoint import latest_path
-from slurm.launch import ENTRIES, Sweep, parse_sweep, profile_overrides, submit, wait_for
+from bam.cli import check_keys
+from slurm.launch import ENTRIES, Sweep, entry_main, parse_sweep, profile_overrides, submit, wait_for
 from slurm.profiles import Profile, load_profile
 
 logger = logging.getLogger(__name__)
 
 SUITES_DIR = Path(__file__).with_name("suites")
 REPO = Path(__file__).resolve().parents[1]
-FRONT_DOORS = {"eval": "eval/run.py", "pretrain": "pretrain/main.py"}
 STEP_KEYS = {"task", "entry", "args", "checkpoint", "profile", "resources", "sweep"}
 SUITE_KEYS = {"description", "datasets", "datasets_required", "steps", "table", "report"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -49,7 +49,7 @@ class Step:
 
     def command(self) -> str:
         sweep = [f"--sweep {flag}={','.join(values)}" for flag, values in self.sweep or []]
-        return " ".join(["python", FRONT_DOORS[self.entry], *map(shlex.quote, self.argv),
+        return " ".join(["python", ENTRIES[self.entry].script, *map(shlex.quote, self.argv),
                          "--output-dir", shlex.quote(str(self.output_dir)), *sweep])
 
 
@@ -64,17 +64,12 @@ def suite_file(name: str) -> Path:
 def load_suite(name: str) -> dict:
     path = suite_file(name)
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - SUITE_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(SUITE_KEYS))}")
+    check_keys(spec, SUITE_KEYS, str(path))
     steps = spec.get("steps") or {}
     if not isinstance(steps, dict) or not steps:
         raise ValueError(f"{path}: expected 'steps:' mapping step names to {{task|entry, args, ...}}")
     for step_name, step in steps.items():
-        unknown = set(step) - STEP_KEYS
-        if unknown:
-            raise ValueError(f"{path}: step {step_name} has unknown keys {sorted(unknown)}; valid: "
-                             f"{', '.join(sorted(STEP_KEYS))}")
+        check_keys(step, STEP_KEYS, f"{path}: step {step_name}")
         if ("task" in step) == (step.get("entry", "eval") == "pretrain"):
             raise ValueError(f"{path}: step {step_name} needs 'task: NAME' (an evaluation) or 'entry: pretrain'")
         needed = step.get("checkpoint")
@@ -218,10 +213,6 @@ def format_plan(spec: dict, steps: list[Step], launcher: str, output_dir: Path) 
 def run_steps(steps: list[Step], launcher: str) -> dict[str, str]:
     """Run the steps here in order (launcher none: in this process; local: submitit's local executor, waiting for
     each). A step whose input step failed is skipped, as SLURM's afterok would. Returns step -> outcome."""
-    import eval.run
-    import pretrain.main
-
-    mains = {"eval": eval.run.main, "pretrain": pretrain.main.main}
     outcome: dict[str, str] = {}
     for s in steps:
         failed = [n for n in s.needs if outcome.get(n) != "COMPLETED"]
@@ -231,7 +222,7 @@ def run_steps(steps: list[Step], launcher: str) -> dict[str, str]:
             continue
         logger.info("suite: step %s: %s", s.name, s.command())
         if launcher == "none" and not s.sweep:
-            code = mains[s.entry]([*s.argv, "--output-dir", str(s.output_dir)])
+            code = entry_main(s.entry)([*s.argv, "--output-dir", str(s.output_dir)])
             outcome[s.name] = "COMPLETED" if code == 0 else f"FAILED (exit code {code})"
         else:
             profile = dataclasses.replace(load_profile("local"), time_min=s.profile.time_min)

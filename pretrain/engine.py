@@ -1,10 +1,8 @@
 """One epoch of BAM pretraining."""
 from __future__ import annotations
 
-import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +12,7 @@ from tqdm import tqdm
 from bam.distributed import get_dist_info, mean_over_ranks
 from bam.ema import ema_update_
 from bam.loss import BAMLoss
+from bam.training import autocast, finite_loss, optimizer_step
 from pretrain.model import set_lr_wd
 from pretrain.monitor import Monitor
 
@@ -27,10 +26,6 @@ class Schedules:
     reg: np.ndarray
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler, schedules: Schedules, epoch: int,
                     device: torch.device, amp_dtype: torch.dtype | None, clip_grad: float, monitor: Monitor,
                     log_freq: int, show_progress: bool, last_good: str) -> dict[str, float]:
@@ -39,7 +34,6 @@ def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler,
     steps = len(loader)
     world = get_dist_info().world_size
     totals = {"loss": 0.0, "data_time": 0.0, "images_per_s": 0.0}
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     # in a log file (SLURM), a bar line every 30 s instead of every step
     bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=False,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -51,28 +45,19 @@ def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler,
         loss_fn.reg = float(schedules.reg[step])
         crops = [c.to(device, non_blocking=True) for c in crops]
 
-        with autocast:
+        with autocast(device, amp_dtype):
             z = model(crops)
             with torch.no_grad():
                 z_teacher = teacher(crops) if teacher is not None else None
             loss = loss_fn(z, z_teacher)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"the loss is {loss.item()} at step {step} (epoch {epoch}, iteration {it}); "
-                                     f"stopping. The last good checkpoint is {last_good}")
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        value = finite_loss(loss, f"step {step} (epoch {epoch}, iteration {it})", last_good)
+        optimizer_step(loss, optimizer, scaler, clip_grad, model.parameters())
         if teacher is not None:
             ema_update_(teacher, student, float(schedules.momentum[step]))
 
         batch_time = time.perf_counter() - end
         end = time.perf_counter()
-        values = {"loss": loss.item(), "lr": float(schedules.lr[step]), "weight_decay": float(schedules.wd[step]),
+        values = {"loss": value, "lr": float(schedules.lr[step]), "weight_decay": float(schedules.wd[step]),
                   "reg": loss_fn.reg, "teacher_momentum": float(schedules.momentum[step]) if teacher else None,
                   "images_per_s": crops[0].shape[0] * world / batch_time, "data_time": data_time, "epoch": epoch}
         totals["loss"] += values["loss"]

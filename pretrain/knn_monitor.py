@@ -5,8 +5,8 @@ import torch
 from torch.utils.data import Subset
 
 from bam.backbones import Backbone
+from transfer.classification.knn import knn_classify
 from transfer.features import extract
-from transfer.knn import knn_classify
 
 
 def fraction_subset(dataset, fraction: float, seed: int):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,59 +22,21 @@ import yaml  # noqa: E402
 
 from bam.backbones import ARCHS  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
-from eval.options import number  # noqa: E402
-from pretrain.data import UnreadableImageError  # noqa: E402
-from pretrain.engine import NonFiniteLossError  # noqa: E402
+from bam.cli import FlagParser, bool_flag, json_dict, number, optional_float, setup_logging  # noqa: E402
+from bam.images import UnreadableImageError  # noqa: E402
+from bam.training import NonFiniteLossError  # noqa: E402
 from slurm.launch import LAUNCH_DESTS, add_launch_arguments, check_in_process, launch  # noqa: E402
 
 logger = logging.getLogger("pretrain")
-
-
-def bool_flag(s: str | bool) -> bool:
-    if isinstance(s, bool):
-        return s
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def json_dict(s: str | dict) -> dict:
-    if isinstance(s, dict):
-        return s
-    try:
-        value = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 2}}': {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def optional_float(s: str | float | None) -> float | None:
-    return None if s in (None, "none", "null", "None") else float(s)
-
-
-class _Parser(argparse.ArgumentParser):
-    def add(self, name: str, **kw) -> None:
-        """``--a-b`` and ``--a_b`` for the same key ``a_b`` (the YAML spelling)."""
-        dashed = "--" + name.replace("_", "-")
-        self.add_argument(dashed, *([f"--{name}"] if "_" in name else []), dest=name, **kw)
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if "unrecognized arguments" in message:
-            message += f"; valid flags: {' '.join('--' + k.replace('_', '-') for k in sorted(config_keys(self)))}"
-        super().error(message)
 
 
 def config_keys(parser: argparse.ArgumentParser) -> set[str]:
     return {a.dest for a in parser._actions if a.dest not in ("help", "config")} - LAUNCH_DESTS
 
 
-def get_args_parser() -> _Parser:
+def get_args_parser() -> FlagParser:
     """Defaults are the built-in sample run; the YAML recipes hold the paper's values."""
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of defaults (pretrain/configs/*.yaml)")
     p.add("data", default=None, help="ImageFolder root to pretrain on (labels unused); default: the built-in sample")
     p.add("output_dir", default="outputs/pretrain", help="checkpoints, logs, config.yaml, results.json")
@@ -174,8 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     from pretrain.trainer import train  # heavy imports after argument parsing
 
     try:

@@ -24,37 +24,25 @@ from bam.checkpoint import (
     save_atomic,
     state_dict_sha256,
 )
+from bam.cli import resolve_device
 from bam.distributed import all_gather_rows, get_dist_info, init_distributed, is_dist
 from bam.ema import make_teacher
+from bam.images import EvalImageFolder, check_image_folder
 from bam.loss import BAMLoss
 from bam.projector import Projector
+from bam.results import versions, write_results
+from bam.samples.cache import default_cache_dir
+from bam.samples.photos import photos_sample
 from bam.schedules import cosine_schedule, linear_warmup_constant
-from eval.results import versions, write_results
+from bam.training import amp_dtype, grad_scaler, rng_state, set_rng_state
 from pretrain.contrastive_crop import boxes_from_attention, cls_attention
-from pretrain.data import (
-    EpochSampler,
-    EvalImageFolder,
-    MultiCropAugmentation,
-    SeededAugmentedFolder,
-    check_image_folder,
-)
+from pretrain.data import EpochSampler, MultiCropAugmentation, SeededAugmentedFolder
 from pretrain.engine import Schedules, train_one_epoch
 from pretrain.knn_monitor import fraction_subset, online_knn
 from pretrain.model import BAMModel, build_optimizer
 from pretrain.monitor import Monitor
-from transfer.samples import photos
-from transfer.samples.cache import default_cache_dir, ensure_generated
 
 logger = logging.getLogger("pretrain")
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-    return device
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -105,7 +93,7 @@ def resolve_data(args: argparse.Namespace) -> tuple[Path, Path | None, Path | No
         knn_val = check_image_folder(args.knn_val, "--knn-val") if args.knn_val else None
         return root, knn_train, knn_val, False
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    sample = ensure_generated(cache / photos.sample_dirname(), photos.generate)
+    sample = photos_sample(cache)
     logger.info("no --data: pretraining on the built-in sample %s (crops of scikit-image photographs, not ImageNet)",
                 sample)
     return sample / "train", Path(args.knn_train or sample / "train"), Path(args.knn_val or sample / "val"), True
@@ -135,22 +123,6 @@ def make_schedules(args: argparse.Namespace, steps: int, global_batch: int) -> S
                                    steps, args.reg_warmup_epochs))
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), np_state[2], np_state[3], np_state[4]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def update_boxes(backbone, root: Path, size: int, threshold: float, device, batch_size: int, workers: int
                  ) -> torch.Tensor:
@@ -174,6 +146,7 @@ def train(args: argparse.Namespace) -> dict:
     if not info.is_main:  # rank 0 talks; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     device = resolve_device(args.device, info.local_rank)
+    dtype = amp_dtype(args.amp, device)  # fp16 needs CUDA: refused before anything is written
     if args.data and Path(args.output_dir).resolve().is_relative_to(Path(args.data).resolve()):
         raise ValueError(f"--output-dir {args.output_dir} is inside --data {args.data}: its checkpoints would be "
                          "read as training images; write elsewhere")
@@ -227,11 +200,7 @@ def train(args: argparse.Namespace) -> dict:
     steps = len(loader)
     schedules = make_schedules(args, steps, global_batch)
     optimizer = build_optimizer(args.optimizer, student)
-    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        logger.warning("--amp fp16 needs CUDA; training in float32 on %s (use --amp bf16 for CPU autocast)", device)
-        amp_dtype = None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = grad_scaler(device, dtype)
     loss_fn = BAMLoss(2 + args.n_local, 2, args.n_target_crops, args.reg, args.temperature, args.sinkhorn_iters,
                       args.top_k, args.positive_masking)
     monitor = Monitor(out, info.is_main, args.tensorboard, args.wandb, vars(args))
@@ -275,7 +244,7 @@ def train(args: argparse.Namespace) -> dict:
             boxes.copy_(update_boxes((teacher or student).backbone, root, args.global_size, args.box_thresh, device,
                                      args.batch_size_per_gpu, args.num_workers))
         stats = train_one_epoch(model, teacher, loss_fn, loader, optimizer, scaler, schedules, epoch, device,
-                                amp_dtype, args.clip_grad, monitor, args.log_freq, info.is_main,
+                                dtype, args.clip_grad, monitor, args.log_freq, info.is_main,
                                 str(latest) if latest.is_file() else "none yet")
         if args.knn_freq and (epoch + 1) % args.knn_freq == 0 and epoch + 1 < args.epochs:
             history[f"epoch{epoch + 1}"] = knn(f"after epoch {epoch + 1}")

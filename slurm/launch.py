@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,29 @@ import submitit
 from submitit.local.debug import DebugJob
 
 from bam.checkpoint import latest_path
+from bam.cli import setup_logging
 from slurm.outcome import read_outcome
 from slurm.profiles import FIELDS, Profile, load_profile
 
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("none", "local", "slurm", "debug")  # debug: submitit's in-process executor (tests, pdb)
-ENTRIES = {"eval": "eval.run", "pretrain": "pretrain.main"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str  # imported only where the entry runs (a job, a suite step): slurm/ imports no entry point
+    script: str  # the command line a user types, relative to the checkout
+
+
+# the one registry of entry points: the launcher, the suites and their printed plans read it
+ENTRIES = {"eval": Entry("eval.run", "eval/run.py"), "pretrain": Entry("pretrain.main", "pretrain/main.py")}
 JOB_RECORD = "job.json"
+
+
+def entry_main(name: str) -> Callable[[list[str]], int]:
+    """The ``main(argv) -> exit code`` of an entry point, imported now."""
+    return importlib.import_module(ENTRIES[name].module).main
 
 
 class JobFailed(RuntimeError):
@@ -40,14 +56,6 @@ class JobFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- front-door flags
-
-# flag -> takes a value; the job's command line is the user's minus these
-LAUNCH_FLAGS = {"--launcher": True, "--profile": True, "--profile-file": True, "--partition": True,
-                "--account": True, "--qos": True, "--constraint": True, "--nodes": True, "--gpus-per-node": True,
-                "--tasks-per-node": True, "--cpus-per-task": True, "--mem-gb": True, "--time-min": True,
-                "--sbatch": True, "--sweep": True, "--wait": False}
-LAUNCH_DESTS = {flag[2:].replace("-", "_") for flag in LAUNCH_FLAGS}
-
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("launching", "run in this process (default), through submitit's local executor, "
@@ -74,6 +82,18 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         "<output-dir>/<FLAG>=<V>; repeated, the flags' values go together (the i-th of each)")
     g.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the job(s) and report their "
                    "outcome (--launcher local always waits)")
+
+
+def _launch_flags() -> dict[str, bool]:
+    """flag -> takes a value, read from :func:`add_launch_arguments` itself (the job's command line is the
+    user's minus these)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_launch_arguments(parser)
+    return {flag: action.nargs != 0 for action in parser._actions for flag in action.option_strings}
+
+
+LAUNCH_FLAGS = _launch_flags()
+LAUNCH_DESTS = {flag[2:].replace("-", "_") for flag in LAUNCH_FLAGS}
 
 
 def strip_launch_flags(argv: list[str]) -> list[str]:
@@ -161,10 +181,9 @@ class FrontDoorJob:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for bam.distributed
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        main = importlib.import_module(ENTRIES[self.entry]).main
+        main = entry_main(self.entry)
         # the front door's own basicConfig would be a no-op once a handler is on the root logger
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        setup_logging()
         errors = _LastError()
         logging.getLogger().addHandler(errors)
         try:

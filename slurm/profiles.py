@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from bam.cli import check_keys
+
 BUILTIN_PROFILES = Path(__file__).with_name("profiles.yaml")
 
 
@@ -62,10 +64,7 @@ def read_profiles(path: str | os.PathLike) -> dict[str, dict]:
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path}: expected a mapping of profile name -> fields (see {BUILTIN_PROFILES})")
     for name, fields in data.items():
-        unknown = set(fields) - FIELDS
-        if unknown:
-            raise ValueError(f"{path}: profile {name!r} has unknown fields {sorted(unknown)}; "
-                             f"valid: {', '.join(sorted(FIELDS))}")
+        check_keys(fields, FIELDS, f"{path}: profile {name!r}", "fields")
     return data
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from eval.davis_metrics import (
+from transfer.davis.scoring import (
     DavisInputError,
     boundary_f_measure,
     boundary_map,

@@ -10,8 +10,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bam.formats import load_backbone
+from bam.images import EvalImageFolder
 from eval.run import main
-from pretrain.data import EvalImageFolder
 from transfer.features import extract
 
 from ..conftest import assert_flag_error, assert_one_line_error

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bam.samples import coco as coco_sample
 from eval.run import main
-from transfer.samples import coco as coco_sample
 
 from ..conftest import assert_one_line_error
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.results import sha256
+from bam.results import sha256
 from eval.run import TASKS, main
 
 from ..conftest import assert_flag_error, assert_one_line_error
@@ -112,7 +112,7 @@ def _files(folder):
 
 def test_a_failed_or_refused_run_leaves_the_earlier_outputs_as_they_were(davis_root, tiny_checkpoint, tmp_path,
                                                                          caplog, capsys):
-    from eval.results import run_lock
+    from bam.results import run_lock
 
     out = tmp_path / "out"
     argv = ["--task", "davis", "--data", str(davis_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",

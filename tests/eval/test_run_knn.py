@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from bam.formats import backbone_checkpoint, load_backbone
+from bam.images import EvalImageFolder
 from eval.run import main
-from pretrain.data import EvalImageFolder
+from transfer.classification.knn import knn_classify
 from transfer.features import extract
-from transfer.knn import knn_classify
 
 from ..conftest import assert_flag_error, assert_one_line_error
 

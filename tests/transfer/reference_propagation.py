@@ -1,6 +1,6 @@
 """A straightforward per-frame label propagation, structured as DINO's eval_video_segmentation.py.
 
-Independent of ``transfer/davis.py``: dense affinities, an element-wise neighbourhood mask built with loops,
+Independent of ``transfer/davis/propagation.py``: dense affinities, an element-wise neighbourhood mask built with loops,
 a top-k threshold, a dense label product. Used by the tests as the reference and by bench/davis.py as the baseline.
 """
 import time

@@ -13,9 +13,9 @@ from PIL import Image
 
 from bam import build_backbone
 from bam.formats import backbone_checkpoint
+from bam.samples import ade as ade_sample
 from eval import run as front
-from transfer import ade20k_task
-from transfer.samples import ade as ade_sample
+from eval.tasks import ade20k as ade20k_task
 
 from ..conftest import TINY_VIT, assert_flag_error, assert_one_line_error
 
@@ -25,8 +25,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from transfer import mmseg_models as mm  # noqa: E402
-from transfer.mmseg_compat import ensure_mmcv_ops, point_sample  # noqa: E402
+from transfer.ade20k import models as mm  # noqa: E402
+from transfer.ade20k.mmseg_compat import ensure_mmcv_ops, point_sample  # noqa: E402
 
 TINY_VIT4 = dict(TINY_VIT, depth=4)  # UperNet takes 4 levels from 4 different blocks
 SAMPLE_CONFIG = ade20k_task.CONFIGS / "upernet_cpu_sample.py"
@@ -251,8 +251,7 @@ FAST = ["--preset", "cpu_sample", "--iters", "2", "--batch-size", "2", "--crop-s
 
 
 @pytest.fixture
-def ade_front(monkeypatch):
-    monkeypatch.setitem(front.TASKS, "ade20k", "transfer.ade20k_task")
+def ade_front():
     return front.main
 
 
@@ -279,7 +278,7 @@ def test_bad_input_is_one_line(ade_front, ade_root, tmp_path, caplog, capsys):
     assert_one_line_error(ade_front, [*argv, "--arch", "caformer_s18"], caplog, "arch caformer_s18 cannot run")
     assert_flag_error(ade_front, [*argv, "--iters", "0"], capsys, "argument --iters: 0 must be >= 1")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "transfer.mmseg_models", None)  # as if mmsegmentation were not installed
+        patch.setitem(sys.modules, "transfer.ade20k.models", None)  # as if mmsegmentation were not installed
         assert_one_line_error(ade_front, argv, caplog, "pip install -e '.[seg]'")
     (ade_root / "annotations" / "validation" / "1.png").unlink()
     assert_one_line_error(ade_front, argv, caplog, "1.jpg has no annotation")

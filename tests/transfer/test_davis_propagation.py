@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from transfer.davis import (
+from transfer.davis.propagation import (
     context_frames,
     neighbourhood_mask,
     pil_nearest_index,
@@ -114,7 +114,8 @@ def test_soft_to_mask_matches_the_pil_pipeline():
 
 def test_frames_are_normalised_as_dinos_eval_video_segmentation(tmp_path):
     """DINO's / BAM's color_normalize: mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); 0.229 on request."""
-    from transfer.davis_io import IMAGENET_STD, read_frame
+    from bam.images import STD as IMAGENET_STD
+    from transfer.davis.data import read_frame
 
     path = tmp_path / "frame.png"
     Image.fromarray(np.full((16, 24, 3), (200, 100, 50), np.uint8)).save(path)

@@ -7,15 +7,15 @@ import torch
 from pycocotools.coco import COCO
 
 from bam import build_backbone
-from transfer.coco_data import coco_metrics, to_coco_results
-from transfer.detection import ViTDetBackbone, build_mask_rcnn, resnet_fpn
-from transfer.detectron2_export import (
+from transfer.coco.data import coco_metrics, to_coco_results
+from transfer.coco.detectron2_export import (
     detectron2_to_resnet,
     read_detectron2_weights,
     resnet_to_detectron2,
     to_detectron2,
     write_detectron2_weights,
 )
+from transfer.coco.mask_rcnn import ViTDetBackbone, build_mask_rcnn, resnet_fpn
 
 from ..conftest import TINY_VIT
 
@@ -173,7 +173,7 @@ def test_reading_an_export_never_runs_code_from_it(tmp_path):
     import os
     import pickle
 
-    from transfer.detectron2_export import read_detectron2_weights
+    from transfer.coco.detectron2_export import read_detectron2_weights
 
     class Crafted:
         def __reduce__(self):

@@ -15,11 +15,11 @@ from pycocotools.coco import COCO
 
 from bam import build_backbone
 from bam.formats import backbone_checkpoint
+from bam.samples import coco as coco_sample
 from eval.run import main
-from transfer.coco_data import coco_metrics
-from transfer.detectron2_engine import global_attention_blocks
-from transfer.detectron2_export import read_detectron2_weights
-from transfer.samples import coco as coco_sample
+from transfer.coco.data import coco_metrics
+from transfer.coco.detectron2_engine import global_attention_blocks
+from transfer.coco.detectron2_export import read_detectron2_weights
 
 from ..conftest import TINY_VIT, assert_one_line_error
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bam import build_backbone
-from pretrain.data import EvalImageFolder
-from transfer import finetune_task
-from transfer.finetune import Classifier, layer_decay_groups, lr_at
+from bam.images import EvalImageFolder
+from eval.tasks import finetune as finetune_task
+from transfer.classification import finetune as ft
+from transfer.classification.finetune import Classifier, layer_decay_groups, lr_at
 
 from ..conftest import TINY_VIT
 
@@ -80,12 +81,12 @@ def test_lr_schedule_by_hand():
 def test_randaugment_posterize_survives_zero_bits():
     """timm 1.0's increasing posterize reaches 0 bits at magnitude 10, which Pillow 13 rejects."""
     img = Image.new("RGB", (8, 8), (200, 100, 50))
-    assert not np.asarray(finetune_task._posterize(img, 0)).any()
-    assert finetune_task._posterize(img, 8) is img
+    assert not np.asarray(ft._posterize(img, 0)).any()
+    assert ft._posterize(img, 8) is img
     args = argparse.Namespace(image_size=32, auto_augment="rand-m10-mstd0.5-inc1", reprob=0.25)
-    transform = finetune_task.train_transform(args)
+    transform = ft.train_transform(args)
     ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
-    assert any(op.aug_fn is finetune_task._posterize for op in ops)
+    assert any(op.aug_fn is ft._posterize for op in ops)
     for _ in range(200):
         transform(img.resize((40, 40)))
 
@@ -98,9 +99,9 @@ def _args(**kw):
 
 def _finetune(backbone, folders, out, run_id=1, **kw):
     args = _args(**kw)
-    train = finetune_task.train_dataset(folders / "train", args)
+    train = ft.train_dataset(folders / "train", args)
     val = EvalImageFolder(folders / "val", 32)
-    return finetune_task.finetune(backbone, train, val, 3, args, torch.device("cpu"), out, {"run": run_id})
+    return ft.finetune(backbone, train, val, 3, args, torch.device("cpu"), out, {"run": run_id})
 
 
 def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_weights(digit_folders, tmp_path,
@@ -116,7 +117,7 @@ def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_we
     assert whole["epoch"] == 2
     assert any(not torch.equal(before[k], whole["model"][f"backbone.{k}"]) for k in before)  # the backbone trained
 
-    evaluate, calls = finetune_task.evaluate, []
+    evaluate, calls = ft.evaluate, []
 
     def killed_in_epoch_two(*a, **kw):
         calls.append(1)
@@ -124,11 +125,11 @@ def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_we
             raise KeyboardInterrupt  # a kill after epoch 2's steps, before its checkpoint
         return evaluate(*a, **kw)
 
-    monkeypatch.setattr(finetune_task, "evaluate", killed_in_epoch_two)
+    monkeypatch.setattr(ft, "evaluate", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=3)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    monkeypatch.setattr(finetune_task, "evaluate", evaluate)
+    monkeypatch.setattr(ft, "evaluate", evaluate)
     torch.manual_seed(123)  # the process that resumes starts with other random state
     caplog.clear()
     again = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=3)

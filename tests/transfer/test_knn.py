@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer.knn import knn_classify
+from transfer.classification.knn import knn_classify
 
 
 def _naive(train, train_y, test, k, t, num_classes):

@@ -4,7 +4,15 @@ import copy
 import pytest
 import torch
 
-from transfer.linear import HeadSpec, LinearGrid, evaluate_grid, feature_batches, head_input, select_head, train_grid
+from transfer.classification.linear import (
+    HeadSpec,
+    LinearGrid,
+    evaluate_grid,
+    feature_batches,
+    head_input,
+    select_head,
+    train_grid,
+)
 
 CPU = torch.device("cpu")
 
@@ -98,7 +106,7 @@ BAM_PROBE = {
 
 
 def test_the_bam_vitb_preset_is_the_official_probe():
-    from transfer.linear_task import PRESETS
+    from eval.tasks.linear import PRESETS
 
     assert PRESETS["bam_vitb"] == {key: value for key, (_, value) in BAM_PROBE.items()}
 

@@ -1,7 +1,7 @@
 """Class-balanced subsets, the held-out split and SimCLR split files."""
 import pytest
 
-from transfer.splits import balanced_subset, holdout_split, read_split_file
+from transfer.classification.splits import balanced_subset, holdout_split, read_split_file
 
 TARGETS = [0] * 100 + [1] * 37 + [2] * 3
 

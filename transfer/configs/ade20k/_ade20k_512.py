@@ -2,16 +2,17 @@
 # Every value is mmsegmentation 1.2.2's, from the files named beside it (paths inside mmseg's configs/); the only
 # additions are the dataset's explicit suffixes / reduce_zero_label (ADE20KDataset's own defaults, spelled out) and
 # the batch of 16 images per iteration in ONE process (mmseg's 8 GPUs x 2 images = 16, see the model files).
-# transfer/ade20k_task.py fills data_root, the backbone, the number of classes and the flags you pass.
+# eval/tasks/ade20k.py fills data_root, the backbone, the number of classes and the flags you pass.
 
 # _base_/datasets/ade20k.py
 dataset_type = 'ADE20KDataset'
 data_root = None  # --data
 crop_size = (512, 512)
+img_scale = (2048, 512)  # a child's img_scale reaches these steps through eval/tasks/ade20k.py
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),  # label 0 (other) -> 255 (ignored), 1..150 -> 0..149
-    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomResize', scale=img_scale, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PhotoMetricDistortion'),
@@ -19,7 +20,7 @@ train_pipeline = [
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
     # annotations are loaded after Resize: scores are computed at the original resolution
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),

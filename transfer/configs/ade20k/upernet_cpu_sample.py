@@ -6,10 +6,9 @@
 #   - AdamW lr 1e-3 (a random-init backbone learns from scratch here; 6e-5 barely moves it in 400 steps)
 #   - thin heads: neck and UperNet 64 channels, auxiliary FCN head 32 (512 / 256 in the recipe)
 #   - no checkpoint file (a ViT-S segmentor with AdamW states is ~260 MB); validation only at the end
-# transfer/ade20k_task.py fills data_root, the backbone, the classes and the flags you pass.
-# Everything not set here is _ade20k_512.py's (evaluator, hooks, runtime). mmengine resolves a base file's names when
-# it reads that file, so the base's dataloaders keep the base's pipelines: the ones below are set in the dataloaders
-# again (dicts merge into the base's, lists replace).
+# eval/tasks/ade20k.py fills data_root, the backbone, the classes and the flags you pass.
+# Everything not set here is _ade20k_512.py's (pipelines, evaluator, hooks, runtime). mmengine resolves a base file's
+# names when it reads that file, so eval/tasks/ade20k.py puts img_scale and the crop size into the base's pipelines.
 _base_ = ['./_ade20k_512.py']
 
 crop_size = (128, 128)
@@ -18,7 +17,7 @@ model = dict(
     type='EncoderDecoder',
     data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
                            bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=crop_size),
-    backbone=dict(),  # the evaluated backbone's own architecture (transfer/mmseg_models.py)
+    backbone=dict(),  # the evaluated backbone's own architecture (transfer/ade20k/models.py)
     neck=dict(type='MultiLevelNeck', in_channels=None, out_channels=64, scales=None),  # ViTs only: strides 4-32
     decode_head=dict(type='UPerHead', in_channels=None, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
                      channels=64, dropout_ratio=0.1, num_classes=None, norm_cfg=norm_cfg, align_corners=False,
@@ -30,24 +29,10 @@ model = dict(
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
 
-dataset_type = 'BaseSegDataset'  # the sample's own classes (transfer/samples/ade.py), ADE20K's file layout
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomResize', scale=(512, 128), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(512, 128), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(batch_size=4, num_workers=2, dataset=dict(type=dataset_type, pipeline=train_pipeline))
-val_dataloader = dict(num_workers=2, dataset=dict(type=dataset_type, pipeline=test_pipeline))
+dataset_type = 'BaseSegDataset'  # the sample's own classes (bam/samples/ade.py), ADE20K's file layout
+img_scale = (512, 128)
+train_dataloader = dict(batch_size=4, num_workers=2, dataset=dict(type=dataset_type))
+val_dataloader = dict(num_workers=2, dataset=dict(type=dataset_type))
 
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=0.001, betas=(0.9, 0.999),
                                                          weight_decay=0.01))

@@ -5,7 +5,7 @@
 # (neck width = the ViT's width). mmseg's metafile: 47.73 mIoU for its ViT-B/16 weights, 43.52 for DeiT-S (single
 # scale).
 # Differences, all forced by running our weights in one process:
-#   - backbone: built from the evaluated ViT by transfer/mmseg_models.py (mmseg's VisionTransformer with the
+#   - backbone: built from the evaluated ViT by transfer/ade20k/models.py (mmseg's VisionTransformer with the
 #     ViT's own depth, width, heads, patch size; blocks of each quarter's end as outputs, (2, 5, 8, 11) at
 #     depth 12 as mmseg's; img_size = the crop; final_norm=True as this "-ln" config; patch_bias=True because timm
 #     ViTs have the patch-embedding bias, which mmseg 1.x's default patch_bias=False would silently drop)

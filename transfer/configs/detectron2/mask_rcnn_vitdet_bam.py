@@ -1,7 +1,7 @@
 # ViTDet Mask R-CNN (detectron2 projects/ViTDet, COCO "mask_rcnn_vitdet_b_100ep") on our ViT: detectron2's
 # model-zoo "common" configs plus ViTDet's optimizer recipe (AdamW, lr 1e-4, weight decay 0.1, layer decay 0.7,
 # drop path 0.1, 64 images, 184,375 iterations, steps at 88.9 % and 96.3 %, 250 warm-up iterations).
-# transfer/detectron2_engine.py sets the backbone's width/depth/heads, the weights, datasets and schedule.
+# transfer/coco/detectron2_engine.py sets the backbone's width/depth/heads, the weights, datasets and schedule.
 from functools import partial
 
 import detectron2.data.transforms as T

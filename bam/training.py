@@ -1,0 +1,125 @@
+"""The one training-loop toolkit: pretraining, fine-tuning, COCO detection and the linear grid step through it.
+
+A loop builds its model and optimizer, then per step::
+
+    with autocast(device, amp_dtype):
+        loss = criterion(model(x), y)
+    value = finite_loss(loss, f"step {step}", last_good)   # NonFiniteLossError names the step and the checkpoint
+    optimizer_step(loss, optimizer, scaler, clip_grad, model.parameters())
+
+and saves ``training_state(...)`` atomically through :func:`bam.checkpoint.save_atomic`; ``restore_training_state``
+puts it back (weights, optimizer, grad scaler, every random generator), so a resumed run draws what an
+uninterrupted one would have drawn.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def amp_dtype(amp: str, device: torch.device, flag: str = "--amp") -> torch.dtype | None:
+    """The autocast dtype of ``--amp none|bf16|fp16``. fp16 needs CUDA (its GradScaler): the same error for every
+    loop elsewhere, before anything is trained."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"{flag} {amp!r}: expected one of {', '.join(AMP_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"{flag} fp16 needs CUDA (a grad scaler); use {flag} bf16 or {flag} none on {device.type}")
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype``, or a no-op context for full precision."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that scales only for fp16 (a no-op one otherwise, so every loop calls it the same way)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def finite_loss(loss: torch.Tensor, where: str, last_good: object, hint: str = "") -> float:
+    """``loss.item()``, or :class:`NonFiniteLossError`: ``the loss is nan at <where>; stopping. The last good
+    checkpoint is <last_good>`` (then ``hint``, e.g. what to lower)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the loss is {value} at {where}; stopping. The last good checkpoint is "
+                                 f"{last_good}{'; ' + hint if hint else ''}")
+    return value
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None,
+                   clip_grad: float = 0.0, parameters: Iterable[torch.nn.Parameter] | None = None) -> None:
+    """zero_grad, (scaled) backward, optional gradient-norm clip of ``parameters`` (unscaled first), step, update."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+    if clip_grad > 0:
+        if parameters is None:
+            raise ValueError("optimizer_step: clipping needs the parameters")
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def seed_everything(seed: int) -> None:
+    """torch, python and numpy generators (Mixup, RandAugment, random erasing, drop path draw from them)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global random generator's state, as plain data a ``weights_only`` load reads back."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), np_state[2], np_state[3], np_state[4]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   **extra: Any) -> dict:
+    """What a resume needs: weights, optimizer, grad scaler, random generators, plus the loop's own ``extra``
+    (epoch or iteration, history, the run's identity)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_training_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> None:
+    """The inverse of :func:`training_state` (the random generators too, when the state holds them)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if "rng" in state:
+        set_rng_state(state["rng"])

@@ -1,0 +1,169 @@
+"""``python eval/run.py --task davis``: propagate first-frame masks through DAVIS-2017 videos and score them."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bam.backbones import Backbone
+from bam.cli import number
+from bam.images import STD
+from bam.samples import davis as davis_sample
+from bam.samples.cache import ensure_generated
+from eval.context import TaskContext
+from eval.tasks import TaskSpec
+from transfer.davis.data import (
+    DAVIS_STD,
+    Sequence,
+    frame_size,
+    load_sequence,
+    original_size,
+    read_first_annotation,
+    read_frame,
+    sequence_names,
+    warn_about_id_gaps,
+    write_indexed_png,
+    write_overlay,
+)
+from transfer.davis.propagation import pil_nearest_resize, propagate_labels, soft_to_mask
+from transfer.davis.scoring import evaluate, write_csvs
+
+logger = logging.getLogger(__name__)
+HELP = "DAVIS-2017 semi-supervised video object segmentation by label propagation (J&F)"
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--set", default="val", choices=["val", "train"], help="ImageSets/2017/<set>.txt to run")
+    group.add_argument("--sequences", default=None, help="comma-separated sequence names (default: the whole set)")
+    group.add_argument("--predictions", default=None, help="score the indexed PNGs in this folder (<seq>/<frame>.png) "
+                       "instead of propagating: any method's results, as the official evaluation_method.py")
+    group.add_argument("--n-last-frames", type=number(int, ge=0), default=7,
+                       help="predicted frames kept as context besides frame 0")
+    group.add_argument("--size-mask-neighborhood", type=number(int, ge=0), default=12,
+                       help="only propagate from patches at most this many rows/columns away (0: no restriction)")
+    group.add_argument("--topk", type=number(int, ge=1), default=5, help="context patches kept per target patch")
+    group.add_argument("--temperature", type=number(float, gt=0), default=0.1,
+                       help="affinity exp(cosine / temperature)")
+    group.add_argument("--n-blocks", type=number(int, ge=1), default=1,
+                       help="concatenate the patch tokens of the last n blocks")
+    group.add_argument("--short-side", type=number(int, ge=1), default=480,
+                       help="frames are resized so the short side is this")
+    group.add_argument("--long-multiple", type=number(int, ge=1), default=64,
+                       help="... and the long side floored to this multiple")
+    group.add_argument("--normalize", default="official", choices=["official", "imagenet"],
+                       help="official: std (0.228, 0.224, 0.225) as DINO's and BAM's eval_video_segmentation.py; "
+                       "imagenet: (0.229, 0.224, 0.225)")
+    group.add_argument("--frames-per-batch", type=number(int, ge=1), default=4, help="frames per backbone forward pass")
+    group.add_argument("--no-overlays", action="store_true", help="skip the per-sequence overlay images")
+
+
+def builtin_sample(cache_dir: Path) -> Path:
+    return ensure_generated(cache_dir / davis_sample.sample_dirname(), davis_sample.generate)
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, frames: list[Path], size: tuple[int, int], n_blocks: int, batch: int,
+                     device: torch.device, progress: tqdm | None = None,
+                     std: tuple[float, float, float] = DAVIS_STD) -> torch.Tensor:
+    """``[T, h, w, n_blocks*D]`` patch features of every frame (CLS dropped), on ``device``."""
+    out = []
+    with ThreadPoolExecutor(2) as pool:  # decode and resize the next frames while the backbone runs
+        images = pool.map(lambda p: read_frame(p, size, std), frames)
+        for start in range(0, len(frames), batch):
+            x = torch.stack([next(images) for _ in frames[start:start + batch]]).to(device)
+            layers = backbone.get_intermediate_layers(x, n_blocks)
+            h, w = layers[-1]["hw"]
+            out.append(torch.cat([layer["patch"] for layer in layers], dim=-1).reshape(len(x), h, w, -1))
+            if progress is not None:
+                progress.update(len(x))
+    return torch.cat(out)
+
+
+def propagate_sequence(backbone: Backbone, seq: Sequence, out_dir: Path, args: argparse.Namespace,
+                       device: torch.device, progress: tqdm | None = None) -> None:
+    """Write ``out_dir/<seq>/<frame>.png`` for every frame (frame 0 = its ground truth)."""
+    raw_first, palette = read_first_annotation(seq.first_annotation)
+    first = np.where(raw_first == 255, 0, raw_first)  # void is background, as in the scoring
+    height, width = original_size(seq.frames[0])
+    size = frame_size(height, width, args.short_side, args.long_multiple)
+    std = DAVIS_STD if args.normalize == "official" else STD
+    feats = extract_features(backbone, seq.frames, size, args.n_blocks, args.frames_per_batch, device, progress,
+                             std)
+    h, w = feats.shape[1:3]
+    small = pil_nearest_resize(torch.from_numpy(first.astype(np.int64)), (h, w))
+    one_hot = torch.nn.functional.one_hot(small, int(first.max()) + 1).permute(2, 0, 1).float()
+    soft = propagate_labels(feats, one_hot.to(device), args.n_last_frames, args.size_mask_neighborhood, args.topk,
+                            args.temperature)
+    seq_dir = out_dir / seq.name
+    write_indexed_png(seq_dir / f"{seq.frames[0].stem}.png", raw_first, palette)
+    for t in range(1, len(seq.frames)):
+        mask = soft_to_mask(soft[t], backbone.feature_stride, (height, width))
+        write_indexed_png(seq_dir / f"{seq.frames[t].stem}.png", mask.cpu().numpy(), palette)
+
+
+def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
+    names = sequence_names(ctx.data_root, args.set, args.sequences.split(",") if args.sequences else None)
+    annotations = ctx.data_root / "Annotations" / "480p"
+    # everything is written into a staging folder and moved into --output-dir once scored: a run that fails leaves
+    # the earlier run's PNGs, overlays and CSVs as they were
+    staging = ctx.output_dir / ".partial-davis"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
+    try:
+        result, scored = _predict_and_score(ctx, args, names, annotations, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for entry in [p for p in staging.rglob("*") if p.is_file()]:
+        dest = ctx.output_dir / entry.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    global_csv, seq_csv = (ctx.output_dir / f"{kind}_results-{args.set}.csv" for kind in ("global", "per-sequence"))
+    logger.info("wrote %s and %s", global_csv, seq_csv)
+    return {"metrics": result["metrics"], "per_object": result["per_object"],
+            "predictions": str(scored if args.predictions else ctx.output_dir), "sequences": names}
+
+
+def _predict_and_score(ctx: TaskContext, args: argparse.Namespace, names: list[str], annotations: Path,
+                       staging: Path) -> tuple[dict, Path]:
+    """Propagate (or take --predictions) and score into ``staging``; returns the scores and the scored folder."""
+    sequences = [load_sequence(ctx.data_root, n) for n in names]  # check every sequence before any work
+    for s in sequences:
+        warn_about_id_gaps(s.first_annotation, read_first_annotation(s.first_annotation)[0])
+    staging.mkdir(parents=True)
+    if args.predictions:
+        pred_dir = Path(args.predictions)
+        if not pred_dir.is_dir():
+            raise FileNotFoundError(f"--predictions {pred_dir} is not a folder of <seq>/<frame>.png")
+    else:
+        backbone = ctx.load_backbone().to(ctx.device).eval()
+        if not backbone.is_vit:
+            logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
+                           backbone.arch, backbone.feature_stride)
+        pred_dir = staging
+        total = sum(len(s.frames) for s in sequences)
+        with tqdm(total=total, desc="davis frames", unit="frame", dynamic_ncols=True) as bar:
+            for s in sequences:
+                bar.set_postfix_str(s.name)
+                propagate_sequence(backbone, s, pred_dir, args, ctx.device, bar)
+        if not args.no_overlays:
+            for s in sequences:
+                mid = s.frames[len(s.frames) // 2]
+                write_overlay(staging / "overlays" / f"{s.name}.png", mid, annotations / s.name /
+                              f"{mid.stem}.png", pred_dir / s.name / f"{mid.stem}.png",
+                              read_first_annotation(s.first_annotation)[1])
+    result = evaluate(annotations, pred_dir, names)
+    write_csvs(result, staging, args.set)
+    return result, pred_dir
+
+
+SPEC = TaskSpec(name="davis", help=HELP, headline="J&F-Mean", add_arguments=add_arguments,
+                builtin_sample=builtin_sample, run=run,
+                headline_scale=100.0)  # J&F as the official CSVs write it: a fraction
