@@ -110,6 +110,11 @@ up() {
         wait_for 30 MariaDB mariadb -e "select 1"
         cp "$DIR/mysql/mariadb.pid" "$DIR/run/mariadb.pid"
     fi
+    # a controller without saved state numbers its jobs from 1 again: an older accounting database would then
+    # answer sacct with another job's record for the same id, so a fresh controller starts a fresh accounting
+    if [ ! -e "$DIR/state/job_state" ] && ! alive slurmdbd; then
+        mariadb -e "DROP DATABASE IF EXISTS bam_slurm_acct"
+    fi
     alive slurmdbd || { slurmdbd;  # reads slurmdbd.conf beside $SLURM_CONF
         wait_for 30 slurmdbd sacctmgr -n list cluster; }
     alive slurmctld || slurmctld -f "$CONF"

@@ -200,9 +200,13 @@ def test_paper_preset_is_mmsegs_vit_recipe_and_short_runs_shrink_its_schedule(tm
 
 
 def test_cpu_sample_preset_inherits_the_512_base_with_its_own_pipelines():
-    """mmengine resolves a base file's names when it reads it: the sample's pipelines must reach its dataloaders."""
+    """mmengine resolves a base file's names when it reads it: the sample's img_scale and crop size must reach the
+    base's pipelines in its dataloaders once the task has applied the config (with no flags: its own values)."""
     cfg = Config.fromfile(str(SAMPLE_CONFIG))
     base = Config.fromfile(str(ade20k_task.CONFIGS / "_ade20k_512.py"))
+    ade20k_task.apply_overrides(cfg, data_root=Path("/data"), classes=None, iters=cfg.train_cfg.max_iters,
+                                batch_size=cfg.train_dataloader.batch_size, lr=cfg.optim_wrapper.optimizer.lr,
+                                crop_size=cfg.model.data_preprocessor.size[0], num_workers=2)
     train, val = cfg.train_dataloader, cfg.val_dataloader
     assert [s.type for s in train.dataset.pipeline] == [s.type for s in base.train_dataloader.dataset.pipeline]
     steps = {s.type: s for s in train.dataset.pipeline}
