@@ -9,12 +9,16 @@ A loop builds its model and optimizer, then per step::
 
 and saves ``training_state(...)`` atomically through :func:`bam.checkpoint.save_atomic`; ``restore_training_state``
 puts it back (weights, optimizer, grad scaler, every random generator), so a resumed run draws what an
-uninterrupted one would have drawn.
+uninterrupted one would have drawn. :class:`SaveNow` turns a preemption signal into a save at the next step boundary.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
+import signal
+import threading
 from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -123,3 +128,60 @@ def restore_training_state(state: dict, model: torch.nn.Module, optimizer: torch
         scaler.load_state_dict(state["scaler"])
     if "rng" in state:
         set_rng_state(state["rng"])
+
+
+class SaveNow:
+    """The "save now" hook of a preemption signal.
+
+    Inside ``with SaveNow() as save_now:`` the signals SLURM and submitit send before they stop a job (SIGUSR1,
+    SIGUSR2: submitit's preemption signal, SIGTERM) are only recorded. The loop asks ``save_now.due()`` at each step
+    boundary (a collective under a process group: every rank answers the same) and, when it is, writes its state and
+    calls ``save_now.release()``: the signal then goes to the handler that was there before, at a point where the
+    checkpoint on disk is complete (submitit's requeues and exits, the default one ends the process, submitit's
+    SIGTERM bypass lets training go on). Outside the main thread it does nothing.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, name))
+
+    def __init__(self, signals: tuple[int, ...] = SIGNALS):
+        self.signals = signals
+        self.pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SaveNow:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+
+    def due(self) -> bool:
+        """Whether a signal asks for a checkpoint now (on every rank, when any rank received one)."""
+        flag = self.pending is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            value = torch.tensor([1.0 if flag else 0.0], device=device)
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(value.item())
+        return flag
+
+    def release(self) -> None:
+        """Hand the recorded signal to the handler that was installed before (after the state is saved)."""
+        signum, self.pending = self.pending, None
+        if signum is None:  # another rank's signal: this one goes on until its own arrives
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        logger.warning("%s: state saved; passing the signal on", signal.Signals(signum).name)
+        if callable(previous):
+            previous(signum, None)  # submitit: requeue and exit; its SIGTERM bypass: return and go on
+        elif previous == signal.SIG_DFL:
+            self.__exit__()
+            os.kill(os.getpid(), signum)

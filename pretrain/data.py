@@ -1,6 +1,7 @@
 """Pretraining data: ImageFolder images, DINO's multi-crop augmentations (torchvision v2), ContrastiveCrop."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,17 +94,20 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, dataset, rank: int, world_size: int, seed: int):
         self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                          seed=seed, drop_last=True)
-        self.epoch = 0
+        self.epoch = self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Yield ``epoch``'s indices, without the first ``skip_batches`` batches (trained before a save at a
+        signal): a resumed epoch sees the images the uninterrupted one would have seen next."""
         self.epoch = epoch
+        self.skip = skip_batches * batch_size
         self.inner.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, i) for i in self.inner)
+        return ((self.epoch, i) for i in itertools.islice(self.inner, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.inner) - self.skip
 
 
 class SeededAugmentedFolder(ImageFolder):

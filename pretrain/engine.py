@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,17 +29,22 @@ class Schedules:
 
 def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler, schedules: Schedules, epoch: int,
                     device: torch.device, amp_dtype: torch.dtype | None, clip_grad: float, monitor: Monitor,
-                    log_freq: int, show_progress: bool, last_good: str) -> dict[str, float]:
+                    log_freq: int, show_progress: bool, last_good: str, steps: int | None = None, first: int = 0,
+                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``epoch`` (``steps`` batches, default the loader's) from batch ``first`` on, the loader yielding the rest
+    of the epoch; ``on_step(n)`` runs after the epoch's n-th batch (the trainer's save at a signal). Returns the
+    means over the batches trained here."""
     model.train()
     student = model.module if hasattr(model, "module") else model
-    steps = len(loader)
+    steps = len(loader) if steps is None else steps
     world = get_dist_info().world_size
     totals = {"loss": 0.0, "data_time": 0.0, "images_per_s": 0.0}
     # in a log file (SLURM), a bar line every 30 s instead of every step
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=False,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
+               leave=False, mininterval=0.5 if sys.stderr.isatty() else 30)
     end = time.perf_counter()
-    for it, (crops, _, _) in enumerate(loader):
+    done = 0
+    for it, (crops, _, _) in enumerate(loader, start=first):
         step = epoch * steps + it
         data_time = time.perf_counter() - end
         set_lr_wd(optimizer, schedules.lr[step], schedules.wd[step])
@@ -67,5 +73,8 @@ def train_one_epoch(model, teacher, loss_fn: BAMLoss, loader, optimizer, scaler,
             monitor.log(step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update()
+        done += 1
+        if on_step is not None:
+            on_step(it + 1)
     bar.close()
-    return {k: mean_over_ranks(v / steps) for k, v in totals.items()}
+    return {k: mean_over_ranks(v / max(done, 1)) for k, v in totals.items()}

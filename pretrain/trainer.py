@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
@@ -25,7 +24,7 @@ from bam.checkpoint import (
     state_dict_sha256,
 )
 from bam.cli import resolve_device
-from bam.distributed import all_gather_rows, get_dist_info, init_distributed, is_dist
+from bam.distributed import DistInfo, all_gather_rows, get_dist_info, init_distributed, is_dist
 from bam.ema import make_teacher
 from bam.images import EvalImageFolder, check_image_folder
 from bam.loss import BAMLoss
@@ -34,7 +33,14 @@ from bam.results import versions, write_results
 from bam.samples.cache import default_cache_dir
 from bam.samples.photos import photos_sample
 from bam.schedules import cosine_schedule, linear_warmup_constant
-from bam.training import amp_dtype, grad_scaler, rng_state, set_rng_state
+from bam.training import (
+    SaveNow,
+    amp_dtype,
+    grad_scaler,
+    restore_training_state,
+    seed_everything,
+    training_state,
+)
 from pretrain.contrastive_crop import boxes_from_attention, cls_attention
 from pretrain.data import EpochSampler, MultiCropAugmentation, SeededAugmentedFolder
 from pretrain.engine import Schedules, train_one_epoch
@@ -139,8 +145,68 @@ def update_boxes(backbone, root: Path, size: int, threshold: float, device, batc
     return out
 
 
-def train(args: argparse.Namespace) -> dict:
-    start = time.time()
+@dataclass
+class Run:
+    """What a pretraining run holds from build to finish."""
+    args: argparse.Namespace
+    info: DistInfo
+    device: torch.device
+    out: Path
+    latest: Path
+    root: Path
+    is_sample: bool
+    student: BAMModel
+    teacher: BAMModel | None
+    model: torch.nn.Module                  # the student as trained: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    loss_fn: BAMLoss
+    boxes: torch.Tensor                     # ContrastiveCrop's, shared with the DataLoader workers
+    sampler: EpochSampler
+    loader: DataLoader
+    steps: int                              # optimisation steps per epoch
+    schedules: Schedules
+    knn_sets: tuple | None
+    monitor: Monitor | None = None          # opened by resume, once config.yaml is written
+    start_epoch: int = 0
+    start_iteration: int = 0                # batches of start_epoch already trained (a save at a signal)
+    history: dict = field(default_factory=dict)
+
+    def knn(self, tag: str) -> float | None:
+        if self.knn_sets is None:
+            return None
+        backbone = (self.teacher or self.student).backbone
+        res = online_knn(backbone, *self.knn_sets, self.device, self.args.batch_size_per_gpu, self.args.num_workers)
+        logger.info("k-NN (k=20, T=0.07) %s: top-1 %.2f%%, top-5 %.2f%%", tag, res["top1"], res["top5"])
+        return res["top1"]
+
+    def state(self, epoch: int, iteration: int = 0) -> dict:
+        """The checkpoint after ``iteration`` batches of ``epoch`` (0: after ``epoch`` whole epochs); every rank
+        calls it (the random generators of all ranks are gathered)."""
+        student, args = self.student, self.args
+        state = training_state(student, self.optimizer, self.scaler, format=FORMAT_TAG,
+                               format_version=FORMAT_VERSION, arch=args.arch, arch_kwargs=dict(args.arch_kwargs),
+                               backbone=student.backbone.model.state_dict(), epoch=epoch, iteration=iteration,
+                               step=epoch * self.steps + iteration, config=vars(args), boxes=self.boxes.clone(),
+                               knn=self.history)
+        if self.teacher is not None:
+            state.update(teacher=self.teacher.state_dict(),
+                         teacher_backbone=self.teacher.backbone.model.state_dict())
+        if is_dist():
+            gathered = [None] * self.info.world_size
+            torch.distributed.all_gather_object(gathered, state["rng"])
+            state["rng"] = gathered
+        return state
+
+    def save(self, state: dict) -> None:
+        if self.info.is_main:
+            save_atomic(state, self.latest)
+
+
+def build(args: argparse.Namespace) -> Run:
+    """Validate, then build model, data, optimizer and schedules; writes config.yaml once the resume is known to
+    be consistent."""
     validate(args)
     info = init_distributed(args.device)
     if not info.is_main:  # rank 0 talks; the others only warn
@@ -155,12 +221,6 @@ def train(args: argparse.Namespace) -> dict:
     latest = latest_path(out)
     if info.is_main:
         remove_stale_temporaries(out)
-    resumed, recipe_changes = check_resume(latest, args) if latest.is_file() else (None, {})
-    if recipe_changes:
-        logger.warning("--force-recipe-change: resuming %s under a changed recipe: %s", latest,
-                       describe_changes(recipe_changes))
-    if info.is_main:  # written only once the resume is known to be consistent
-        (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (the teacher is copied before DDP syncs)
@@ -178,9 +238,7 @@ def train(args: argparse.Namespace) -> dict:
                                                       else None) if is_dist() else student
     if args.compile:
         model = torch.compile(model)
-    torch.manual_seed(args.seed + info.rank)  # from here on ranks draw different randomness (drop path)
-    random.seed(args.seed + info.rank)
-    np.random.seed(args.seed + info.rank)
+    seed_everything(args.seed + info.rank)  # from here on ranks draw different randomness (drop path)
     if args.ccrop_alpha and not backbone.is_vit:
         raise ValueError(f"ContrastiveCrop (--ccrop-alpha) needs a ViT's attention; {args.arch} has none")
 
@@ -198,95 +256,120 @@ def train(args: argparse.Namespace) -> dict:
     loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
     steps = len(loader)
-    schedules = make_schedules(args, steps, global_batch)
-    optimizer = build_optimizer(args.optimizer, student)
-    scaler = grad_scaler(device, dtype)
     loss_fn = BAMLoss(2 + args.n_local, 2, args.n_target_crops, args.reg, args.temperature, args.sinkhorn_iters,
                       args.top_k, args.positive_masking)
-    monitor = Monitor(out, info.is_main, args.tensorboard, args.wandb, vars(args))
-
     knn_sets = None
     if knn_train_root and knn_val_root:
         knn_sets = (fraction_subset(EvalImageFolder(knn_train_root, args.global_size), args.knn_train_fraction,
                                     args.seed), EvalImageFolder(knn_val_root, args.global_size))
+    return Run(args, info, device, out, latest, root, is_sample, student, teacher, model,
+               build_optimizer(args.optimizer, student), grad_scaler(device, dtype), dtype, loss_fn, boxes, sampler,
+               loader, steps, make_schedules(args, steps, global_batch), knn_sets)
 
-    def knn(tag: str) -> float | None:
-        if knn_sets is None:
-            return None
-        eval_backbone = (teacher or student).backbone
-        res = online_knn(eval_backbone, *knn_sets, device, args.batch_size_per_gpu, args.num_workers)
-        logger.info("k-NN (k=20, T=0.07) %s: top-1 %.2f%%, top-5 %.2f%%", tag, res["top1"], res["top5"])
-        return res["top1"]
 
-    start_epoch, history = 0, {}
-    if resumed is not None:
-        ckpt = resumed
-        student.load_state_dict(ckpt["model"])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        boxes.copy_(ckpt["boxes"])
-        set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        start_epoch, history = ckpt["epoch"], dict(ckpt.get("knn", {}))
-        logger.info("resuming from %s: %d of %d epochs done", latest, start_epoch, args.epochs)
-        if recipe_changes:
-            monitor.log(start_epoch * steps, {"recipe_change": {k: list(v) for k, v in recipe_changes.items()}},
+def resume(run: Run) -> None:
+    """Continue from ``<output-dir>/checkpoint.pth`` when it is there (the same command is the resume), else start
+    with the k-NN of the initial weights; then open the log."""
+    args = run.args
+    resumed, recipe_changes = check_resume(run.latest, args) if run.latest.is_file() else (None, {})
+    if recipe_changes:
+        logger.warning("--force-recipe-change: resuming %s under a changed recipe: %s", run.latest,
+                       describe_changes(recipe_changes))
+    if run.info.is_main:  # written only once the resume is known to be consistent
+        (run.out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    run.monitor = Monitor(run.out, run.info.is_main, args.tensorboard, args.wandb, vars(args))
+    if resumed is None:
+        if run.knn_sets is not None:
+            run.history["before"] = run.knn("before training (random init)")
+        return
+    ckpt = resumed
+    if isinstance(ckpt["rng"], list):
+        ckpt["rng"] = ckpt["rng"][run.info.rank]
+    restore_training_state(ckpt, run.student, run.optimizer, run.scaler)
+    if run.teacher is not None:
+        run.teacher.load_state_dict(ckpt["teacher"])
+    run.boxes.copy_(ckpt["boxes"])
+    run.start_epoch, run.start_iteration = ckpt["epoch"], ckpt.get("iteration", 0)
+    run.history = dict(ckpt.get("knn", {}))
+    where = f" and {run.start_iteration} of {run.steps} steps of the next" if run.start_iteration else ""
+    logger.info("resuming from %s: %d of %d epochs done%s", run.latest, run.start_epoch, args.epochs, where)
+    if recipe_changes:
+        run.monitor.log(run.start_epoch * run.steps, {"recipe_change": {k: list(v) for k, v in recipe_changes.items()}},
                         kind="recipe_change")
-    elif knn_sets is not None:
-        history["before"] = knn("before training (random init)")
 
-    stop = min(args.epochs, start_epoch + args.stop_after_epochs) if args.stop_after_epochs else args.epochs
-    for epoch in range(start_epoch, stop):
-        sampler.set_epoch(epoch)
-        warm = int(args.warmup_epochs)
-        if args.ccrop_alpha and epoch >= warm and (epoch - warm) % args.loc_interval == 0:
-            boxes.copy_(update_boxes((teacher or student).backbone, root, args.global_size, args.box_thresh, device,
-                                     args.batch_size_per_gpu, args.num_workers))
-        stats = train_one_epoch(model, teacher, loss_fn, loader, optimizer, scaler, schedules, epoch, device,
-                                dtype, args.clip_grad, monitor, args.log_freq, info.is_main,
-                                str(latest) if latest.is_file() else "none yet")
-        if args.knn_freq and (epoch + 1) % args.knn_freq == 0 and epoch + 1 < args.epochs:
-            history[f"epoch{epoch + 1}"] = knn(f"after epoch {epoch + 1}")
-        state = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION, "arch": args.arch,
-                 "arch_kwargs": dict(args.arch_kwargs), "backbone": student.backbone.model.state_dict(),
-                 "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch + 1, "step": (epoch + 1) * steps, "config": vars(args), "boxes": boxes.clone(),
-                 "rng": rng_state(), "knn": history}
-        if teacher is not None:
-            state.update(teacher=teacher.state_dict(), teacher_backbone=teacher.backbone.model.state_dict())
-        if is_dist():
-            gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, state["rng"])
-            state["rng"] = gathered
-        if info.is_main:
-            save_atomic(state, latest)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(state, epoch_path(out, epoch + 1))
-        monitor.log((epoch + 1) * steps, {"epoch": epoch + 1, **stats}, kind="epoch")
-        logger.info("epoch %d/%d: loss %.4f, %.1f images/s", epoch + 1, args.epochs, stats["loss"],
-                    stats["images_per_s"])
 
-    if stop < args.epochs:
-        logger.info("stopping after epoch %d of %d as asked; run the same command again to continue", stop, args.epochs)
-        monitor.close()
-        return {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs_done": stop}
-    if knn_sets is not None and "after" not in history:
-        history["after"] = knn("after training")
-    monitor.close()
-    digests = [state_dict_sha256(student.state_dict())]
+def fit(run: Run) -> int:
+    """Train epoch by epoch from where ``resume`` left off, saving after each epoch and at a preemption signal
+    (then the signal ends or requeues the process). Returns the number of epochs done (--stop-after-epochs may
+    leave before --epochs)."""
+    args = run.args
+    stop = min(args.epochs, run.start_epoch + args.stop_after_epochs) if args.stop_after_epochs else args.epochs
+    with SaveNow() as save_now:
+        for epoch in range(run.start_epoch, stop):
+            first = run.start_iteration if epoch == run.start_epoch else 0
+            run.sampler.set_epoch(epoch, skip_batches=first, batch_size=args.batch_size_per_gpu)
+            warm = int(args.warmup_epochs)
+            if args.ccrop_alpha and not first and epoch >= warm and (epoch - warm) % args.loc_interval == 0:
+                run.boxes.copy_(update_boxes((run.teacher or run.student).backbone, run.root, args.global_size,
+                                             args.box_thresh, run.device, args.batch_size_per_gpu, args.num_workers))
+
+            def on_step(iteration: int, epoch: int = epoch) -> None:  # after `iteration` batches of the epoch
+                if iteration < run.steps and save_now.due():
+                    run.save(run.state(epoch, iteration))
+                    save_now.release()
+
+            stats = train_one_epoch(run.model, run.teacher, run.loss_fn, run.loader, run.optimizer, run.scaler,
+                                    run.schedules, epoch, run.device, run.amp_dtype, args.clip_grad, run.monitor,
+                                    args.log_freq, run.info.is_main,
+                                    str(run.latest) if run.latest.is_file() else "none yet", run.steps, first,
+                                    on_step)
+            if args.knn_freq and (epoch + 1) % args.knn_freq == 0 and epoch + 1 < args.epochs:
+                run.history[f"epoch{epoch + 1}"] = run.knn(f"after epoch {epoch + 1}")
+            state = run.state(epoch + 1)
+            run.save(state)
+            if run.info.is_main and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save_atomic(state, epoch_path(run.out, epoch + 1))
+            run.monitor.log((epoch + 1) * run.steps, {"epoch": epoch + 1, **stats}, kind="epoch")
+            logger.info("epoch %d/%d: loss %.4f, %.1f images/s", epoch + 1, args.epochs, stats["loss"],
+                        stats["images_per_s"])
+            if save_now.due():  # a signal during the epoch's end: its checkpoint is on disk
+                save_now.release()
+    return stop
+
+
+def finish(run: Run, start: float) -> dict:
+    """The k-NN after training, the ranks' agreement and results.json."""
+    args = run.args
+    if run.knn_sets is not None and "after" not in run.history:
+        run.history["after"] = run.knn("after training")
+    run.monitor.close()
+    digests = [state_dict_sha256(run.student.state_dict())]
     if is_dist():  # every rank must end with the same weights; a desynchronised DDP run is reported, not hidden
-        mine, digests = digests[0], [None] * info.world_size
+        mine, digests = digests[0], [None] * run.info.world_size
         torch.distributed.all_gather_object(digests, mine)
-    results = {"task": "pretrain", "checkpoint": str(latest.resolve()), "epochs": args.epochs,
-               "world_size": info.world_size, "weights_sha256": digests[0], "ranks_agree": len(set(digests)) == 1,
-               "knn_top1_before": history.get("before"), "knn_top1_after": history.get("after"), "knn": history,
-               "data": {"root": str(root.resolve()), "builtin_sample": is_sample}, "config": vars(args),
-               "versions": versions(), "seconds": round(time.time() - start, 1)}
-    if is_sample:
+    results = {"task": "pretrain", "checkpoint": str(run.latest.resolve()), "epochs": args.epochs,
+               "world_size": run.info.world_size, "weights_sha256": digests[0], "ranks_agree": len(set(digests)) == 1,
+               "knn_top1_before": run.history.get("before"), "knn_top1_after": run.history.get("after"),
+               "knn": run.history, "data": {"root": str(run.root.resolve()), "builtin_sample": run.is_sample},
+               "config": vars(args), "versions": versions(), "seconds": round(time.time() - start, 1)}
+    if run.is_sample:
         results["note"] = ("built-in sample (crops of scikit-image photographs): shows that training learns; "
                            "not ImageNet")
-    if info.is_main:
-        write_results(out, results)
-        logger.info("wrote %s; final checkpoint %s", out / "results.json", latest)
+    if run.info.is_main:
+        write_results(run.out, results)
+        logger.info("wrote %s; final checkpoint %s", run.out / "results.json", run.latest)
     return results
+
+
+def train(args: argparse.Namespace) -> dict:
+    """build / resume / fit / finish: the same command starts a run or continues it from its checkpoint."""
+    start = time.time()
+    run = build(args)
+    resume(run)
+    done = fit(run)
+    if done < args.epochs:
+        logger.info("stopping after epoch %d of %d as asked; run the same command again to continue", done,
+                    args.epochs)
+        run.monitor.close()
+        return {"task": "pretrain", "checkpoint": str(run.latest.resolve()), "epochs_done": done}
+    return finish(run, start)

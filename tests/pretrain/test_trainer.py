@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -151,3 +152,68 @@ def test_torchrun_with_two_processes_matches_one_process(tiny_folder, tmp_path, 
     for k in single:
         assert torch.allclose(ddp[k], single[k], atol=1e-4), k
         assert torch.allclose(ddp_teacher[k], single_teacher[k], atol=1e-4), k
+
+
+class _Requeued(Exception):
+    """What submitit's handler does after the save: here, leave the run."""
+
+
+def test_a_signal_mid_epoch_saves_there_and_the_same_command_resumes_to_the_same_weights(
+        tiny_folder, tmp_path, uninterrupted, monkeypatch):
+    """SIGUSR1 during step 5 (epoch 1, its 2nd of 4 batches): the step finishes, the checkpoint records epoch 1 and
+    2 batches done with every generator, the signal then reaches the previous handler; the rerun skips the 2
+    batches already trained and ends bit-equal with the uninterrupted run."""
+    from pretrain.monitor import Monitor
+
+    log = Monitor.log
+
+    def log_then_signal(self, step, values, kind="train"):
+        log(self, step, values, kind=kind)
+        if kind == "train" and step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def requeue(signum, frame):
+        raise _Requeued
+
+    out = tmp_path / "signalled"
+    old = signal.signal(signal.SIGUSR1, requeue)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(Monitor, "log", log_then_signal)
+            with pytest.raises(_Requeued):
+                main(tiny_args(tiny_folder, out))
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    saved = load_file(out / "checkpoint.pth")
+    assert (saved["epoch"], saved["iteration"], saved["step"]) == (1, 2, 6)
+    assert main(tiny_args(tiny_folder, out)) == 0
+    resumed = load_file(out / "checkpoint.pth")
+    assert (resumed["epoch"], resumed["iteration"]) == (3, 0)
+    _assert_same(_weights(uninterrupted)[0], resumed["model"])
+    _assert_same(_weights(uninterrupted)[1], resumed["teacher"])
+
+
+def test_a_plain_process_saves_at_sigusr1_then_ends_and_the_rerun_finishes_the_same(tiny_folder, tmp_path,
+                                                                                    uninterrupted):
+    """Without a launcher (torchrun, a shell) the signal's own default follows the save: the process ends."""
+    out = tmp_path / "usr1"
+    argv = [sys.executable, str(REPO / "pretrain" / "main.py"), *tiny_args(tiny_folder, out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # signal it once it trains epoch 1
+            log = out / "log.jsonl"
+            if log.is_file() and any('"kind": "train"' in line and '"epoch": 1' in line
+                                     for line in log.read_text().splitlines()):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGUSR1, err[-2000:]
+    assert "SIGUSR1: state saved; passing the signal on" in err
+    saved = load_file(out / "checkpoint.pth")
+    assert saved["epoch"] * 4 + saved["iteration"] >= 5  # at least the step it was trained in
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    _assert_same(_weights(uninterrupted)[0], _weights(out)[0])

@@ -1,0 +1,87 @@
+"""bam.training, the loop toolkit every trainer uses, against hand-computed steps and the signals it defers."""
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from bam.training import (
+    NonFiniteLossError,
+    SaveNow,
+    amp_dtype,
+    finite_loss,
+    optimizer_step,
+    restore_training_state,
+    rng_state,
+    set_rng_state,
+    training_state,
+)
+
+
+def test_one_amp_rule_for_every_loop():
+    cpu = torch.device("cpu")
+    assert amp_dtype("none", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="--amp fp16 needs CUDA .* use --amp bf16 or --amp none on cpu"):
+        amp_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="--amp 'fp8'"):
+        amp_dtype("fp8", cpu)
+
+
+def test_a_nonfinite_loss_names_the_step_and_the_last_good_checkpoint():
+    assert finite_loss(torch.tensor(0.5), "step 3", "ckpt.pth") == 0.5
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 3 \(epoch 0\); stopping. The last good "
+                                                 r"checkpoint is ckpt.pth; lower --lr"):
+        finite_loss(torch.tensor(float("nan")), "step 3 (epoch 0)", "ckpt.pth", "lower --lr")
+    assert issubclass(NonFiniteLossError, ValueError)  # the front doors' one-line error path
+
+
+def test_optimizer_step_clips_the_gradient_norm_then_steps():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    loss = (w * torch.tensor([3.0, 4.0])).sum()  # gradient (3, 4), norm 5
+    optimizer_step(loss, optimizer, torch.amp.GradScaler("cpu", enabled=False), clip_grad=1.0, parameters=[w])
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.1 * 0.6, 2.0 - 0.1 * 0.8]))  # the clipped (0.6, 0.8)
+    loss = (w * torch.tensor([3.0, 4.0])).sum()
+    optimizer_step(loss, optimizer)  # no scaler, no clip: the plain gradient
+    assert torch.allclose(w.detach(), torch.tensor([0.94 - 0.3, 1.92 - 0.4]))
+
+
+def test_a_training_state_restores_weights_optimizer_and_every_generator():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer_step(model(torch.randn(4, 3)).sum(), optimizer)
+    state = training_state(model, optimizer, None, epoch=2)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    other = torch.nn.Linear(3, 2)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    restore_training_state(state, other, other_optimizer, None)
+    assert torch.equal(other.weight, model.weight) and state["epoch"] == 2
+    assert other_optimizer.state_dict()["state"][0]["step"] == 1
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+    set_rng_state(rng_state())  # a state survives a round trip through plain data
+
+
+class _Passed(Exception):
+    pass
+
+
+def test_save_now_defers_a_signal_to_the_step_boundary_then_passes_it_on():
+    def previous(signum, frame):
+        raise _Passed(signum)
+
+    old = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with SaveNow() as save_now:
+            assert not save_now.due()
+            os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not acted on: the step goes on
+            assert save_now.pending == signal.SIGUSR1 and save_now.due()
+            with pytest.raises(_Passed):  # after the save: the handler that was there before
+                save_now.release()
+            assert save_now.pending is None and not save_now.due()
+        assert signal.getsignal(signal.SIGUSR1) is previous  # the context restores the handlers
+    finally:
+        signal.signal(signal.SIGUSR1, old)
