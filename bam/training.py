@@ -13,6 +13,7 @@ uninterrupted one would have drawn. :class:`SaveNow` turns a preemption signal i
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -85,6 +86,20 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
         scaler.update()
 
 
+class SkipFirst(torch.utils.data.Sampler):
+    """``sampler``'s indices without the first ``skip``: the part of an epoch trained before the checkpoint a run
+    resumes from, so the resumed epoch goes on with the images the uninterrupted one would have seen next."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
 def seed_everything(seed: int) -> None:
     """torch, python and numpy generators (Mixup, RandAugment, random erasing, drop path draw from them)."""
     torch.manual_seed(seed)
@@ -154,7 +169,11 @@ class SaveNow:
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """Restore the handlers; a signal that came after the loop's last look is passed on now (the loop's last
+        checkpoint is on disk), unless an error is leaving the loop."""
+        if self.pending is not None and exc_type is None:
+            self.release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -183,5 +202,7 @@ class SaveNow:
         if callable(previous):
             previous(signum, None)  # submitit: requeue and exit; its SIGTERM bypass: return and go on
         elif previous == signal.SIG_DFL:
-            self.__exit__()
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
             os.kill(os.getpid(), signum)

@@ -85,3 +85,19 @@ def test_save_now_defers_a_signal_to_the_step_boundary_then_passes_it_on():
         assert signal.getsignal(signal.SIGUSR1) is previous  # the context restores the handlers
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_signal_after_the_loops_last_look_is_passed_on_when_the_loop_ends():
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        with SaveNow():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert seen == []
+        assert seen == [signal.SIGUSR1]
+        with pytest.raises(RuntimeError), SaveNow():  # an error leaving the loop: the signal is not acted on
+            os.kill(os.getpid(), signal.SIGUSR1)
+            raise RuntimeError
+        assert seen == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, old)

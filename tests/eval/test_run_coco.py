@@ -48,6 +48,41 @@ def test_coco_task_trains_evaluates_and_resumes(coco_root, tmp_path, tiny_checkp
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_stopped_mid_epoch_resumes_at_its_place_to_the_uninterrupted_weights(coco_root, tmp_path,
+                                                                                   tiny_checkpoint, monkeypatch):
+    """6 training images in batches of 2: 3 iterations an epoch. Stopped after the checkpoint of iteration 4 (epoch
+    1, one batch in), the same command goes on with epoch 1's second batch and the saved generators: it ends
+    with the weights of the run that was never stopped."""
+    from transfer.coco import train as coco_train
+
+    def argv(out):
+        return ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+                str(out), *FAST, "--iters", "6", "--steps", "5", "--eval-batch-size", "3"]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    save = coco_train.save_atomic
+
+    def save_then_die(state, path):
+        save(state, path)
+        if state["iter"] == 4:
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(coco_train, "save_atomic", save_then_die)
+        with pytest.raises(_Killed):
+            main(argv(tmp_path / "stopped"))
+    assert main(argv(tmp_path / "stopped")) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)
+    assert whole["iter"] == resumed["iter"] == 6
+    for k, v in whole["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
 def test_export_only_writes_detectron2_weights(coco_root, tmp_path, tiny_checkpoint):
     out = tmp_path / "exp"
     assert main(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",

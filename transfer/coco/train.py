@@ -61,7 +61,7 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
     dtype = training.amp_dtype(args.amp, device)
     scaler = training.grad_scaler(device, dtype)
     steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
-    ckpt_path, start = latest_path(output_dir), 0
+    ckpt_path, start, resumed_rng = latest_path(output_dir), 0, None
     if info.rank == 0:
         remove_stale_temporaries(output_dir)
     run_id = {**json.loads(json.dumps(run_id, default=str)), "world_size": info.world_size}
@@ -69,7 +69,7 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
         state = load_file(ckpt_path)
         if state.get("run_id") == run_id:
             training.restore_training_state(state, model, optimizer, scaler)
-            start = state["iter"]
+            start, resumed_rng = state["iter"], state.get("rng")
             logger.info("resuming detection training from %s (iteration %d)", ckpt_path, start)
         else:
             logger.warning("%s belongs to another run (other weights, data or schedule): starting over", ckpt_path)
@@ -77,15 +77,22 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
         if info.world_size > 1 else model
     sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
     log_path = output_dir / "log.jsonl" if info.rank == 0 else Path(os.devnull)
+    per_rank = args.batch_size // info.world_size
+    per_epoch = len(sampler) // per_rank  # iterations in one pass over the images (drop_last)
     with open(log_path, "a" if start else "w") as log:
-        it, epoch = start, 0
+        it, epoch = start, start // per_epoch  # a resumed run goes on at its place in its epoch
         bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True, disable=info.rank > 0)
         model.train()
         while it < args.iters:
             sampler.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=args.batch_size // info.world_size, sampler=sampler,
+            skip = (it - epoch * per_epoch) * per_rank
+            loader = DataLoader(train_set, batch_size=per_rank, sampler=training.SkipFirst(sampler, skip),
                                 drop_last=True, collate_fn=collate, num_workers=args.num_workers)
-            for images, targets in loader:
+            batches = iter(loader)  # draws the workers' base seed from the global generator
+            if resumed_rng is not None:  # as the uninterrupted run had it here (exact with --num-workers 0; with
+                training.set_rng_state(resumed_rng)  # workers, the rest of the epoch's flips are drawn anew)
+                resumed_rng = None
+            for images, targets in batches:
                 if it >= args.iters:
                     break
                 set_group_lrs(optimizer, args.lr * lr_factor(it, args.warmup_iters, steps))
