@@ -48,11 +48,10 @@ DEFAULT_ARCH = "vit_small_patch16_224"
 def get_args_parser(task: str | None) -> argparse.ArgumentParser:
     tasks = "; ".join(f"{n}: {task_spec(n).help}" for n in TASKS)
     # tasks share flag names with one meaning (--image-size, --epochs, ...); the all-tasks help lists each once
-    parser = FlagParser(description=__doc__, formatter_class=HelpFormatter,
-                             allow_abbrev=False,
-                             epilog=f"tasks: {tasks}" + ("" if task else ". Tasks share some flag names; "
-                                                          "'--task NAME --help' lists one task's flags and defaults"),
-                             conflict_handler="error" if task else "resolve")
+    parser = FlagParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
+                        epilog=f"tasks: {tasks}" + ("" if task else ". Tasks share some flag names; "
+                                                     "'--task NAME --help' lists one task's flags and defaults"),
+                        conflict_handler="error" if task else "resolve")
     parser.add_argument("--task", choices=sorted(TASKS), help="the downstream protocol to run")
     suite = parser.add_argument_group("suites", "many runs as one plan: eval/suites/<name>.yaml (steps, their "
                                       "dependencies and resources), then a table or a report card")

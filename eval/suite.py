@@ -24,6 +24,7 @@ import yaml
 
 from bam.checkpoint import latest_path
 from bam.cli import check_keys
+from eval.tasks import TASKS, task_spec
 from slurm.launch import ENTRIES, Sweep, entry_main, parse_sweep, profile_overrides, submit, wait_for
 from slurm.profiles import Profile, load_profile
 
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEP_KEYS = {"task", "entry", "args", "checkpoint", "profile", "resources", "sweep"}
 SUITE_KEYS = {"description", "datasets", "datasets_required", "steps", "table", "report"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
+EVERY_TASK = "every-task"  # steps: every-task, one step per registered task
 
 
 @dataclass
@@ -61,13 +63,29 @@ def suite_file(name: str) -> Path:
     return path
 
 
+def every_task() -> tuple[dict, dict]:
+    """``steps: every-task``: one step per registered task (eval/tasks), on the suite's ``--checkpoint``, with the
+    data set, cluster profile and flags its TaskSpec names; and the data sets they read."""
+    steps, datasets = {}, {}
+    for name in TASKS:
+        spec = task_spec(name)
+        steps[name] = {"task": name, "checkpoint": "{checkpoint}", "profile": spec.suite_profile,
+                       "args": {"data": f"{{{spec.suite_dataset}}}", **spec.suite_args}}
+        datasets[spec.suite_dataset] = None
+    return steps, datasets
+
+
 def load_suite(name: str) -> dict:
     path = suite_file(name)
     spec = yaml.safe_load(path.read_text()) or {}
     check_keys(spec, SUITE_KEYS, str(path))
+    if spec.get("steps") == EVERY_TASK:
+        spec["steps"], datasets = every_task()
+        spec["datasets"] = {**datasets, **(spec.get("datasets") or {})}
     steps = spec.get("steps") or {}
     if not isinstance(steps, dict) or not steps:
-        raise ValueError(f"{path}: expected 'steps:' mapping step names to {{task|entry, args, ...}}")
+        raise ValueError(f"{path}: expected 'steps:' mapping step names to {{task|entry, args, ...}}, or "
+                         f"'steps: {EVERY_TASK}'")
     for step_name, step in steps.items():
         check_keys(step, STEP_KEYS, f"{path}: step {step_name}")
         if ("task" in step) == (step.get("entry", "eval") == "pretrain"):

@@ -2,8 +2,8 @@
 
 Adding a task: write ``eval/tasks/<name>.py`` (its flags, presets, built-in sample and a ``run`` that calls into
 ``transfer/``), the protocol itself under ``transfer/``, and one line in :data:`TASKS`. ``eval/run.py``, the report
-card and the suites read everything else (help, headline metric, whether it runs on several processes) from the
-spec; ``tests/eval/test_task_contract.py`` checks every registered task against this contract.
+card and the suites read everything else (help, headline metric, whether it runs on several processes, its step in
+``--suite all``) from the spec; ``tests/eval/test_task_contract.py`` checks every registered task against this contract.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ class TaskSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)   # flags declared default=None take these
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # --preset NAME -> flag values
     sample: Mapping[str, Any] = field(default_factory=dict)     # flag values on the built-in sample
+    suite_dataset: str = "imagenet"                             # the suites' data set its --data reads
+    suite_profile: str = "gpu-1"                                # its cluster profile in `--suite all`
+    suite_args: Mapping[str, Any] = field(default_factory=dict)  # its extra flags in `--suite all`
 
     def headline_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float] | None:
         """(name, percent) of the headline in ``metrics``: the exact key, else the first key it prefixes

@@ -195,4 +195,4 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
 SPEC = TaskSpec(name="ade20k", help=HELP, headline="mIoU", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults={"preset": "160k"}, sample={"preset": "cpu_sample"})
+                defaults={"preset": "160k"}, sample={"preset": "cpu_sample"}, suite_dataset="ade20k")

@@ -146,4 +146,4 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 SPEC = TaskSpec(name="coco", help=HELP, headline="bbox/AP", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
                 distributed=True,  # torchrun / srun: DDP training, evaluation sharded over ranks
-                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE)
+                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE, suite_dataset="coco", suite_profile="gpu-1x8")

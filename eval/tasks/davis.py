@@ -166,4 +166,5 @@ def _predict_and_score(ctx: TaskContext, args: argparse.Namespace, names: list[s
 
 SPEC = TaskSpec(name="davis", help=HELP, headline="J&F-Mean", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                headline_scale=100.0)  # J&F as the official CSVs write it: a fraction
+                headline_scale=100.0,  # J&F as the official CSVs write it: a fraction
+                suite_dataset="davis")

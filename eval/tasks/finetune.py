@@ -39,8 +39,8 @@ SAMPLE = {"epochs": 6, "warmup_epochs": 1, "batch_size": 64, "blr": 2e-3, "image
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="vit_base (the defaults: MAE's ViT-B/16 recipe) or vit_small (layer decay 0.75)")
-    group.add_argument("--epochs", type=number(int, ge=1), default=None)
-    group.add_argument("--warmup-epochs", type=number(float, ge=0), default=None)
+    group.add_argument("--epochs", type=number(int, ge=1), default=None, help="training epochs")
+    group.add_argument("--warmup-epochs", type=number(float, ge=0), default=None, help="linear lr warm-up")
     group.add_argument("--batch-size", type=number(int, ge=1), default=None, help="global batch")
     group.add_argument("--blr", type=number(float, gt=0), default=None,
                        help="base lr; lr = blr * batch / 256")
@@ -60,11 +60,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="random erasing probability")
     group.add_argument("--pool", default=None, choices=["cls", "avg"],
                        help="head on [CLS] or on the LayerNorm'd mean patch token")
-    group.add_argument("--image-size", type=number(int, ge=1), default=None)
+    group.add_argument("--image-size", type=number(int, ge=1), default=None, help="crop size")
     group.add_argument("--clip-grad", type=number(float, ge=0), default=None,
                        help="gradient norm clip, 0 = off")
     group.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"],
-                       help="autocast dtype (fp16 with a grad scaler, CUDA only; default none)")
+                       help="autocast dtype (fp16 with a grad scaler, CUDA only)")
     group.add_argument("--num-workers", type=number(int, ge=0), default=None, help="DataLoader workers")
 
 

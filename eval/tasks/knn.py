@@ -60,4 +60,4 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
 
 SPEC = TaskSpec(name="knn", help=HELP, headline="top1_k20", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run)
+                builtin_sample=builtin_sample, run=run, suite_args={"cache_features": True})

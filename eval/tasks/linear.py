@@ -214,4 +214,4 @@ def _best_epoch_outcome(history: list[list[dict[str, float]]], specs: list[HeadS
 
 SPEC = TaskSpec(name="linear", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, presets=PRESETS)
+                defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True})

@@ -154,4 +154,4 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
 SPEC = TaskSpec(name="semisup", help=HELP, headline="top1_", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, sample=SAMPLE_FINETUNE)
+                defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True})

@@ -54,7 +54,7 @@ def test_spec_is_complete_and_its_tables_name_its_flags(name):
     spec = task_spec(name)
     assert spec.name == name and spec.help and "\n" not in spec.help and spec.headline
     assert all(callable(f) for f in (spec.add_arguments, spec.builtin_sample, spec.run))
-    assert spec.headline_scale > 0
+    assert spec.headline_scale > 0 and spec.suite_dataset and spec.suite_profile
     dests = {a.dest for a in _task_actions(spec)}
     for table, keys in (("defaults", set(spec.defaults)), ("sample", set(spec.sample)),
                         *((f"preset {p}", set(v)) for p, v in spec.presets.items())):
@@ -102,3 +102,18 @@ def test_builtin_sample_runs_and_reports_the_headline_metric(name, sample_cache,
     found = spec.headline_metric(results["metrics"])
     assert found is not None, f"{name}: no {spec.headline!r} in {sorted(results['metrics'])}"
     assert math.isfinite(found[1])
+
+
+def test_the_all_suite_has_a_step_per_registered_task(tmp_path):
+    from eval.suite import load_suite, plan
+
+    suite = load_suite("all")
+    assert list(suite["steps"]) == list(TASKS)
+    (tmp_path / "ckpt.pth").write_bytes(b"")
+    steps = {s.name: s for s in plan(suite, tmp_path, checkpoint=str(tmp_path / "ckpt.pth"))}
+    for name in TASKS:
+        spec = task_spec(name)
+        assert steps[name].profile.name == spec.suite_profile
+        assert steps[name].argv[:2] == ["--task", name] and "--data" not in steps[name].argv  # no data set given
+    with_data = {s.name: s for s in plan(suite, tmp_path, {"coco": "/data/coco"}, str(tmp_path / "ckpt.pth"))}
+    assert with_data["coco"].argv[with_data["coco"].argv.index("--data") + 1] == "/data/coco"
