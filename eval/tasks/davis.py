@@ -5,35 +5,24 @@ import argparse
 import logging
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from bam.backbones import Backbone
 from bam.cli import number
-from bam.images import STD
 from bam.samples import davis as davis_sample
 from bam.samples.cache import ensure_generated
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.davis.data import (
-    DAVIS_STD,
-    Sequence,
-    frame_size,
     load_sequence,
-    original_size,
     read_first_annotation,
-    read_frame,
     sequence_names,
     warn_about_id_gaps,
-    write_indexed_png,
     write_overlay,
 )
-from transfer.davis.propagation import pil_nearest_resize, propagate_labels, soft_to_mask
 from transfer.davis.scoring import evaluate, write_csvs
+from transfer.davis.video import propagate_sequence
 
 logger = logging.getLogger(__name__)
 HELP = "DAVIS-2017 semi-supervised video object segmentation by label propagation (J&F)"
@@ -66,46 +55,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 def builtin_sample(cache_dir: Path) -> Path:
     return ensure_generated(cache_dir / davis_sample.sample_dirname(), davis_sample.generate)
-
-
-@torch.no_grad()
-def extract_features(backbone: Backbone, frames: list[Path], size: tuple[int, int], n_blocks: int, batch: int,
-                     device: torch.device, progress: tqdm | None = None,
-                     std: tuple[float, float, float] = DAVIS_STD) -> torch.Tensor:
-    """``[T, h, w, n_blocks*D]`` patch features of every frame (CLS dropped), on ``device``."""
-    out = []
-    with ThreadPoolExecutor(2) as pool:  # decode and resize the next frames while the backbone runs
-        images = pool.map(lambda p: read_frame(p, size, std), frames)
-        for start in range(0, len(frames), batch):
-            x = torch.stack([next(images) for _ in frames[start:start + batch]]).to(device)
-            layers = backbone.get_intermediate_layers(x, n_blocks)
-            h, w = layers[-1]["hw"]
-            out.append(torch.cat([layer["patch"] for layer in layers], dim=-1).reshape(len(x), h, w, -1))
-            if progress is not None:
-                progress.update(len(x))
-    return torch.cat(out)
-
-
-def propagate_sequence(backbone: Backbone, seq: Sequence, out_dir: Path, args: argparse.Namespace,
-                       device: torch.device, progress: tqdm | None = None) -> None:
-    """Write ``out_dir/<seq>/<frame>.png`` for every frame (frame 0 = its ground truth)."""
-    raw_first, palette = read_first_annotation(seq.first_annotation)
-    first = np.where(raw_first == 255, 0, raw_first)  # void is background, as in the scoring
-    height, width = original_size(seq.frames[0])
-    size = frame_size(height, width, args.short_side, args.long_multiple)
-    std = DAVIS_STD if args.normalize == "official" else STD
-    feats = extract_features(backbone, seq.frames, size, args.n_blocks, args.frames_per_batch, device, progress,
-                             std)
-    h, w = feats.shape[1:3]
-    small = pil_nearest_resize(torch.from_numpy(first.astype(np.int64)), (h, w))
-    one_hot = torch.nn.functional.one_hot(small, int(first.max()) + 1).permute(2, 0, 1).float()
-    soft = propagate_labels(feats, one_hot.to(device), args.n_last_frames, args.size_mask_neighborhood, args.topk,
-                            args.temperature)
-    seq_dir = out_dir / seq.name
-    write_indexed_png(seq_dir / f"{seq.frames[0].stem}.png", raw_first, palette)
-    for t in range(1, len(seq.frames)):
-        mask = soft_to_mask(soft[t], backbone.feature_stride, (height, width))
-        write_indexed_png(seq_dir / f"{seq.frames[t].stem}.png", mask.cpu().numpy(), palette)
 
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
