@@ -205,8 +205,8 @@ class Run:
 
 
 def build(args: argparse.Namespace) -> Run:
-    """Validate, then build model, data, optimizer and schedules; writes config.yaml once the resume is known to
-    be consistent."""
+    """Validate the flags and the data, then build model, data, optimizer and schedules (nothing is written but the
+    output folder: config.yaml and the log wait for ``resume``)."""
     validate(args)
     info = init_distributed(args.device)
     if not info.is_main:  # rank 0 talks; the others only warn

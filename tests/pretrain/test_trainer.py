@@ -113,19 +113,24 @@ def test_resume_in_process_equals_an_uninterrupted_run(tiny_folder, tmp_path, un
     assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
 
 
+def _wait_until_training(out: Path, epoch: int, timeout: float = 120) -> None:
+    """Return once a run writing ``out/log.jsonl`` logs a training step of ``epoch`` (or after ``timeout``)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = out / "log.jsonl"
+        if log.is_file() and any('"kind": "train"' in line and f'"epoch": {epoch}' in line
+                                 for line in log.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tiny_folder, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     argv = [sys.executable, str(REPO / "pretrain" / "main.py"), *tiny_args(tiny_folder, out, num_workers=1,
                                                                             epochs=3)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # kill it during epoch 2, once epoch 1's checkpoint is on disk
-            log = out / "log.jsonl"
-            if log.is_file() and any('"kind": "train"' in line and '"epoch": 1' in line
-                                     for line in log.read_text().splitlines()):
-                break
-            time.sleep(0.05)
+        _wait_until_training(out, epoch=1)  # kill it during epoch 2, once epoch 1's checkpoint is on disk
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
@@ -200,13 +205,7 @@ def test_a_plain_process_saves_at_sigusr1_then_ends_and_the_rerun_finishes_the_s
     argv = [sys.executable, str(REPO / "pretrain" / "main.py"), *tiny_args(tiny_folder, out)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # signal it once it trains epoch 1
-            log = out / "log.jsonl"
-            if log.is_file() and any('"kind": "train"' in line and '"epoch": 1' in line
-                                     for line in log.read_text().splitlines()):
-                break
-            time.sleep(0.02)
+        _wait_until_training(out, epoch=1)  # signal it once it trains epoch 1
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=120)
     finally:
