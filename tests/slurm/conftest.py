@@ -49,6 +49,19 @@ def uninterrupted_pretrain(tiny_folder, tmp_path_factory):
     return out
 
 
+# a preempted job must still be training when both of SLURM's signals reach it (each is an scancel round trip):
+# long enough that they do on a loaded machine (the 6-epoch run is over in about a second)
+PREEMPTED_EPOCHS = 30
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_long_pretrain(tiny_folder, tmp_path_factory):
+    """The tiny pretraining run over PREEMPTED_EPOCHS epochs, in this process."""
+    out = tmp_path_factory.mktemp("uninterrupted-long")
+    assert pretrain_main(tiny_args(tiny_folder, out, epochs=PREEMPTED_EPOCHS)) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def knn_argv(tmp_path_factory):
     """A k-NN evaluation that takes seconds: a tiny ViT checkpoint on 3 classes of digits."""

@@ -16,6 +16,7 @@ from slurm.status import collect
 
 from ..conftest import assert_one_line_error, tiny_args
 from ..eval.test_suite import small_suite
+from .conftest import PREEMPTED_EPOCHS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -66,10 +67,12 @@ def test_a_two_task_ddp_job_on_gloo_whose_ranks_agree(tiny_folder, tmp_path, uni
         assert torch.allclose(ddp[k], v, atol=1e-4), k
 
 
-def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folder, tmp_path, uninterrupted_pretrain):
+def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folder, tmp_path,
+                                                                      uninterrupted_long_pretrain):
     out = tmp_path / "preempted"
     # timeout_min >= 10: below, submitit counts every signal as a time-out rather than a preemption
-    jobs = submit("pretrain", tiny_args(tiny_folder, out, epochs=6), out, "slurm", load_profile("local", time_min=30))
+    jobs = submit("pretrain", tiny_args(tiny_folder, out, epochs=PREEMPTED_EPOCHS), out, "slurm",
+                  load_profile("local", time_min=30))
     deadline = time.time() + 180
     while not (out / "checkpoint.pth").is_file() and time.time() < deadline:
         time.sleep(0.05)
@@ -77,11 +80,12 @@ def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folde
     jobs[0]._interrupt()  # what SLURM does to a preempted job: SIGTERM, then the USR2 submitit listens for
     assert wait_for(jobs) == [None]
     log = jobs[0].stderr() or ""
-    assert first < 6 and "this job is preempted" in log and f"resuming from {out / 'checkpoint.pth'}" in log
+    assert first < PREEMPTED_EPOCHS and "this job is preempted" in log
+    assert f"resuming from {out / 'checkpoint.pth'}" in log
     states = _sacct(jobs[0].job_id, "State", "--duplicates", lines=2).split()  # two runs, the first requeued
     assert len(states) == 2 and states[0] == "REQUEUED", states
-    a, b = load_file(uninterrupted_pretrain / "checkpoint.pth"), load_file(out / "checkpoint.pth")
-    assert b["epoch"] == 6
+    a, b = load_file(uninterrupted_long_pretrain / "checkpoint.pth"), load_file(out / "checkpoint.pth")
+    assert b["epoch"] == PREEMPTED_EPOCHS
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
 
