@@ -5,7 +5,7 @@ A loop builds its model and optimizer, then per step::
     with autocast(device, amp_dtype):
         loss = criterion(model(x), y)
     value = finite_loss(loss, f"step {step}", last_good)   # NonFiniteLossError names the step and the checkpoint
-    optimizer_step(loss, optimizer, scaler, clip_grad, model.parameters())
+    optimizer_step(loss, optimizer, scaler, clip_grad, model.parameters())  # accumulate=True: backward only
 
 and saves ``training_state(...)`` atomically through :func:`bam.checkpoint.save_atomic`; ``restore_training_state``
 puts it back (weights, optimizer, grad scaler, every random generator), so a resumed run draws what an
@@ -66,13 +66,17 @@ def finite_loss(loss: torch.Tensor, where: str, last_good: object, hint: str = "
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None,
-                   clip_grad: float = 0.0, parameters: Iterable[torch.nn.Parameter] | None = None) -> None:
-    """zero_grad, (scaled) backward, optional gradient-norm clip of ``parameters`` (unscaled first), step, update."""
-    optimizer.zero_grad(set_to_none=True)
+                   clip_grad: float = 0.0, parameters: Iterable[torch.nn.Parameter] | None = None,
+                   accumulate: bool = False) -> None:
+    """(Scaled) backward; then, unless ``accumulate``, the optional gradient-norm clip of ``parameters`` (unscaled
+    first), the step, the scaler's update and the gradients cleared. ``accumulate=True`` only adds this
+    micro-batch's gradients to those before (MAE's ``accum_iter``: divide each micro-batch's loss by their number)."""
     if scaler is None:
         loss.backward()
     else:
         scaler.scale(loss).backward()
+    if accumulate:
+        return
     if clip_grad > 0:
         if parameters is None:
             raise ValueError("optimizer_step: clipping needs the parameters")
@@ -84,6 +88,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     else:
         scaler.step(optimizer)
         scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class SkipFirst(torch.utils.data.Sampler):

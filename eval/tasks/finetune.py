@@ -26,7 +26,7 @@ HELP = "end-to-end fine-tuning (MAE/BEiT recipe: AdamW, layer decay, drop path, 
 DEFAULTS = {"epochs": 100, "warmup_epochs": 5, "batch_size": 1024, "blr": 5e-4, "min_lr": 1e-6, "layer_decay": 0.65,
             "weight_decay": 0.05, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1,
             "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "pool": "avg", "image_size": 224,
-            "clip_grad": 0.0, "amp": "none", "num_workers": 8}
+            "clip_grad": 0.0, "amp": "none", "num_workers": 8, "accum_iter": 1}
 PRESETS = {
     "vit_base": {},  # the defaults: MAE's ViT-B/16 recipe
     # no published BAM or MAE recipe for ViT-S/16: MAE's with the layer decay used for 12-block small ViTs
@@ -41,7 +41,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="vit_base (the defaults: MAE's ViT-B/16 recipe) or vit_small (layer decay 0.75)")
     group.add_argument("--epochs", type=number(int, ge=1), default=None, help="training epochs")
     group.add_argument("--warmup-epochs", type=number(float, ge=0), default=None, help="linear lr warm-up")
-    group.add_argument("--batch-size", type=number(int, ge=1), default=None, help="global batch")
+    group.add_argument("--batch-size", type=number(int, ge=1), default=None,
+                       help="global batch of one optimizer step (the recipe's)")
+    group.add_argument("--accum-iter", type=number(int, ge=1), default=None,
+                       help="micro-batches whose gradients make one step (MAE's accum_iter): each forward takes "
+                            "batch / accum-iter images, the recipe stays the same")
     group.add_argument("--blr", type=number(float, gt=0), default=None,
                        help="base lr; lr = blr * batch / 256")
     group.add_argument("--min-lr", type=number(float, ge=0), default=None, help="cosine floor")
@@ -86,7 +90,8 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     out = finetune(backbone, train_set, val_set, len(train_eval.classes), args, ctx.device, ctx.output_dir,
                    {"model": ctx.model_id(), "recipe": recipe(args), "data": str(ctx.data_root.resolve())})
     return {"metrics": {"top1": out["top1"], "top5": out["top5"]}, "history": out["history"],
-            "effective": {"batch_size": out["batch_size"], "lr": out["lr"], "steps": out["steps"]},
+            "effective": {"batch_size": out["batch_size"], "accum_iter": out["accum_iter"], "lr": out["lr"],
+                          "steps": out["steps"]},
             "num_train": len(train_set), "num_val": len(val_set), "classes": train_eval.classes}
 
 

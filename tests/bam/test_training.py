@@ -101,3 +101,16 @@ def test_a_signal_after_the_loops_last_look_is_passed_on_when_the_loop_ends():
         assert seen == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_accumulating_two_halves_steps_as_the_whole_batch():
+    x, y = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([1.0, 0.0, 2.0, 1.0])
+    whole, halves = torch.nn.Parameter(torch.tensor([0.5])), torch.nn.Parameter(torch.tensor([0.5]))
+    opt_whole, opt_halves = torch.optim.SGD([whole], lr=0.1), torch.optim.SGD([halves], lr=0.1)
+    optimizer_step(((x[:, 0] * whole - y) ** 2).mean(), opt_whole)
+    optimizer_step(((x[:2, 0] * halves - y[:2]) ** 2).mean() / 2, opt_halves, accumulate=True)
+    assert halves.item() == 0.5 and halves.grad is not None  # no step yet
+    optimizer_step(((x[2:, 0] * halves - y[2:]) ** 2).mean() / 2, opt_halves)
+    # d/dw mean((w x - y)^2) = mean(2 x (w x - y)) at w = 0.5: (2*1*-0.5 + 2*2*1 + 2*3*-0.5 + 2*4*1) / 4 = 2.0
+    assert whole.item() == pytest.approx(0.5 - 0.1 * 2.0) and halves.item() == pytest.approx(whole.item())
+    assert halves.grad is None  # cleared after the step

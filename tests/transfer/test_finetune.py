@@ -140,3 +140,37 @@ def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_we
     caplog.clear()
     _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", run_id=2, epochs=1)
     assert "belongs to another run" in caplog.text
+
+
+def test_accumulated_micro_batches_make_the_gradient_of_the_global_batch(digit_folders, tmp_path, tiny_vit,
+                                                                         monkeypatch):
+    """--accum-iter 4: a step's 16 images go through in 4 forwards of 4 whose gradients add up to the mean over the
+    16 (MAE's accum_iter): from the same weights, the first step's gradient equals the one-forward run's up to float
+    rounding, and both runs take the same number of steps. (Later weights are not compared: AdamW turns the rounding
+    of near-zero gradients into whole lr-sized steps.) Deterministic setting: no Mixup, drop path, smoothing or
+    erasing; the same crops and flips."""
+    import copy
+
+    step, grads = torch.optim.AdamW.step, []
+
+    def recording_step(self, *args, **kwargs):
+        grads[-1].append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    plain = dict(mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, reprob=0.0, auto_augment="none",
+                 batch_size=16, epochs=1)
+    runs = {}
+    for name, accum in (("whole", 1), ("accum", 4)):
+        grads.append([])
+        runs[name] = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / name, accum_iter=accum, **plain)
+    whole, accum = grads
+    assert len(whole) == len(accum) == runs["whole"]["steps"] > 1 and runs["accum"]["accum_iter"] == 4
+    first_whole, first_accum = whole[0], accum[0]  # the same weights and images: the gradients must agree
+    assert len(first_whole) == len(first_accum)
+    for a, b in zip(first_whole, first_accum):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+    assert runs["accum"]["history"][0]["train_loss"] == pytest.approx(runs["whole"]["history"][0]["train_loss"],
+                                                                      rel=1e-3)
+    with pytest.raises(ValueError, match="--batch-size 16 must be a multiple of --accum-iter 3"):
+        _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "bad", accum_iter=3, **plain)

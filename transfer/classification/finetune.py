@@ -183,8 +183,14 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
     if len(train_set) < batch:
         batch = max(2, len(train_set) - len(train_set) % 2) if mixing else len(train_set)
         logger.warning("only %d training images: batch size %d instead of %d", len(train_set), batch, args.batch_size)
-    if mixing and batch % 2:
-        raise ValueError(f"--batch-size {batch} must be even with Mixup/CutMix (timm pairs images)")
+    accum = args.accum_iter
+    if batch % accum:
+        raise ValueError(f"--batch-size {batch} must be a multiple of --accum-iter {accum} (the batch is the global "
+                         "batch of one optimizer step, made of --accum-iter micro-batches)")
+    micro = batch // accum
+    if mixing and micro % 2:
+        raise ValueError(f"--batch-size {batch} / --accum-iter {accum} = {micro} images must be even with "
+                         "Mixup/CutMix (timm pairs images)")
     model = Classifier(with_drop_path(backbone, args.drop_path), num_classes, args.pool).to(device)
     lr = args.blr * batch / 256.0
     optimizer = torch.optim.AdamW(layer_decay_groups(model, model.backbone, args.weight_decay, args.layer_decay), lr=lr,
@@ -208,7 +214,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
         else:
             logger.warning("%s belongs to another run (other weights or recipe): starting over", ckpt_path)
 
-    loader_kw = {"batch_size": batch, "drop_last": True, "num_workers": args.num_workers,
+    loader_kw = {"batch_size": micro, "drop_last": True, "num_workers": args.num_workers,
                  "pin_memory": device.type == "cuda", "persistent_workers": False}
     steps_per_epoch = len(train_set) // batch
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
@@ -217,17 +223,25 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
         loader = DataLoader(train_set, shuffle=True, generator=torch.Generator().manual_seed(args.seed * 1009 + epoch),
                             **loader_kw)
         running = 0.0
-        for it, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)):
-            set_group_lrs(optimizer, lr_at(epoch * steps_per_epoch + it, total, warmup, lr, args.min_lr))
+        bar = tqdm(total=steps_per_epoch * accum, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for i, (images, labels) in enumerate(loader):
+            if i == steps_per_epoch * accum:  # the images left over are fewer than a global batch
+                break
+            it, last_micro = i // accum, (i + 1) % accum == 0
+            if i % accum == 0:
+                set_group_lrs(optimizer, lr_at(epoch * steps_per_epoch + it, total, warmup, lr, args.min_lr))
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with training.autocast(device, dtype):
                 loss = criterion(model(images).float(), labels)
             last_good = ckpt_path if epoch > 0 else "none yet"
-            running += training.finite_loss(loss, f"epoch {epoch}, step {it}", last_good, "lower --blr")
-            training.optimizer_step(loss, optimizer, scaler, args.clip_grad, model.parameters())
-        val = evaluate(model, val_set, device, batch, args.num_workers)
+            running += training.finite_loss(loss, f"epoch {epoch}, step {it}", last_good, "lower --blr") / accum
+            training.optimizer_step(loss / accum if accum > 1 else loss, optimizer, scaler, args.clip_grad,
+                                    model.parameters(), accumulate=not last_micro)
+            bar.update()
+        bar.close()
+        val = evaluate(model, val_set, device, micro, args.num_workers)
         history.append({"epoch": epoch, "train_loss": running / max(steps_per_epoch, 1), **{f"val_{k}": v for k, v
                         in val.items()}, "lr": optimizer.param_groups[-1]["lr"]})
         logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch + 1, args.epochs,
@@ -241,5 +255,5 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
     if not history:
         raise ValueError(f"--epochs {args.epochs}: nothing to train")
     last = history[-1]
-    return {"top1": last["val_top1"], "top5": last["val_top5"], "history": history, "batch_size": batch, "lr": lr,
-            "steps": total}
+    return {"top1": last["val_top1"], "top5": last["val_top5"], "history": history, "batch_size": batch,
+            "accum_iter": accum, "lr": lr, "steps": total}
