@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from bam.backbones import Backbone
 from bam.checkpoint import save_atomic
-from bam.distributed import all_gather_rows, get_dist_info
+from bam.distributed import all_gather_rows, broadcast_from_rank0, get_dist_info
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: images keyed by the sha256 of their bytes
@@ -49,17 +49,25 @@ def extract_slots(backbone: Backbone, dataset: Dataset, device: torch.device, ba
                   n_blocks: int = 1, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 feature slots ``[N, K, D]`` (see :func:`feature_slots`) and labels ``[N]`` of a labelled dataset.
 
-    Under a process group each rank extracts every world_size-th image and the rows are gathered (the order is
-    then rank-interleaved, the same for features and labels).
+    Under a process group each rank extracts every world_size-th image; every rank gets all rows back in the
+    dataset's order (what one process would return, up to the float rounding of other batch compositions).
     """
     info = get_dist_info()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.world_size > 1 else dataset
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
-    for images, target in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=desc is None):
+    for images, target in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True,
+                               disable=desc is None or info.rank > 0):
         feats.append(feature_slots(backbone, images.to(device, non_blocking=True), n_blocks).float())
         labels.append(target.to(device))
-    return all_gather_rows(torch.cat(feats)), all_gather_rows(torch.cat(labels))
+    if not feats:  # a rank with no image (fewer images than ranks)
+        probe = feature_slots(backbone, dataset[0][0][None].to(device), n_blocks).float()
+        feats, labels = [probe[:0]], [torch.zeros(0, dtype=torch.long, device=device)]
+    slots, targets = all_gather_rows(torch.cat(feats)), all_gather_rows(torch.cat(labels))
+    if info.world_size > 1:  # rank r held images r, r + W, ...: put every row back at its image's place
+        order = torch.cat([torch.arange(r, len(dataset), info.world_size) for r in range(info.world_size)])
+        slots[order.to(slots.device)], targets[order.to(targets.device)] = slots.clone(), targets.clone()
+    return slots, targets
 
 
 def extract(backbone: Backbone, dataset: Dataset, device: torch.device, batch_size: int, workers: int,
@@ -134,7 +142,7 @@ class FeatureCache:
         if get_dist_info().rank == 0:
             digests.save()
         path = self.root / f"{self.key(parts)}.pt"
-        if path.is_file():
+        if broadcast_from_rank0(path.is_file()):  # every rank loads, or every rank extracts its share
             blob = torch.load(path, map_location="cpu", weights_only=True)
             logger.info("features from the cache: %s", path)
             return blob["slots"], blob["labels"]

@@ -60,4 +60,5 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
 
 SPEC = TaskSpec(name="knn", help=HELP, headline="top1_k20", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run, suite_args={"cache_features": True})
+                builtin_sample=builtin_sample, run=run, suite_args={"cache_features": True},
+                distributed=True)  # torchrun / srun: features extracted by every rank for its share of the images

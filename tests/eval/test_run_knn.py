@@ -55,3 +55,28 @@ def test_knn_bad_input(folders, tmp_path, caplog, capsys):
             f.unlink()
         d.rmdir()
     assert_one_line_error(main, base, caplog, "has no class folders")
+
+
+def test_knn_under_torchrun_shards_extraction_and_equals_one_process(tmp_path, tiny_checkpoint):
+    """2 gloo processes each extract half of the built-in sample's images; the gathered features (cached, in the
+    dataset's order) equal one process's to 1e-5 and every metric is the same."""
+    from .test_run_coco import _torchrun
+
+    def argv(name):
+        return ["--task", "knn", "--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / name),
+                "--cache-dir", str(tmp_path / f"cache-{name}"), "--cache-features", "--image-size", "32",
+                "--num-workers", "0", "--k", "5,20"]
+
+    assert main(argv("one")) == 0
+    done = _torchrun(argv("two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("joined process group") == 2 and done.stdout.count("knn -- ") == 1  # rank 0 talks
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["metrics"] == one["metrics"]
+    assert two["per_class_top1"] == one["per_class_top1"]
+    cached = {n: sorted((tmp_path / f"cache-{n}" / "features").glob("*.pt")) for n in ("one", "two")}
+    assert len(cached["one"]) == 2 and [f.name for f in cached["one"]] == [f.name for f in cached["two"]]  # same keys
+    for f, g in zip(cached["one"], cached["two"]):  # train/ and val/
+        a, b = torch.load(f, weights_only=True), torch.load(g, weights_only=True)
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.allclose(a["slots"], b["slots"], atol=1e-5), (a["slots"] - b["slots"]).abs().max()
