@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     # validated before the first byte is written: a failed run leaves an earlier results.json as it was, and a
     # folder it created itself only if it wrote something there
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if dist_info.rank == 0:  # the one writer: the other ranks never create the folder a failed run must not leave
+        output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(output_dir, dist_info.rank == 0):
             return _run_task(args, spec, device, dist_info, output_dir, cache, data_root, is_sample, start)

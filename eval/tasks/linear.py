@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from bam.checkpoint import save_atomic
 from bam.cli import number, number_list, parse_list, resolve_defaults
+from bam.distributed import get_dist_info
 from bam.images import MEAN, STD, labelled_folder, labelled_splits
 from bam.samples.photos import photos_sample
 from eval.context import TaskContext
@@ -118,6 +119,10 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset))
     if not 0.0 <= args.holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction {args.holdout_fraction} must be in [0, 1)")
+    main_rank = get_dist_info().rank == 0  # under torchrun: every rank extracts its share, rank 0 writes
+    if args.augment and get_dist_info().world_size > 1:
+        raise ValueError("--augment (the official probe's augmented views) runs in one process for now; start it "
+                         "without torchrun / srun, or use the cached features (--no-augment) on several")
     train_set, val_set = labelled_splits(ctx.data_root, args.image_size)
     backbone = ctx.load_backbone().to(ctx.device).eval().requires_grad_(False)
     specs = head_specs(args, backbone.is_vit)
@@ -143,8 +148,10 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
         held_slots = (train_slots[hold_idx], train_labels[hold_idx]) if hold_idx else None
         batches = feature_batches(train_slots[train_idx], train_labels[train_idx], args.batch_size, args.seed,
                                   ctx.device)
-    log_path = ctx.output_dir / ".log.jsonl.partial"  # becomes log.jsonl once trained: a failed run keeps the old one
-    log_path.unlink(missing_ok=True)
+    # becomes log.jsonl once trained: a failed run keeps the old one
+    log_path = ctx.output_dir / ".log.jsonl.partial" if main_rank else Path(os.devnull)
+    if main_rank:
+        log_path.unlink(missing_ok=True)
     per_epoch = args.select == "best_epoch_on_val"
     val_on_device = [t.to(ctx.device) for t in val_slots]
     val_history: list[list[dict[str, float]]] = []
@@ -160,10 +167,12 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             logger.info("epoch %d/%d: mean head loss %.4f", epoch + 1, args.epochs, loss)
 
     train_grid(grid, batches, args.epochs, args.batch_size, on_epoch)
-    os.replace(log_path, ctx.output_dir / "log.jsonl")
+    if main_rank:
+        os.replace(log_path, ctx.output_dir / "log.jsonl")
     if per_epoch:
         chosen, outcome = _best_epoch_outcome(val_history, specs, train_set, len(train_idx), len(val_set))
-        _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)  # as trained, last
+        if main_rank:
+            _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)  # as trained
         return outcome
 
     val = evaluate_grid(grid, *val_on_device)
@@ -177,7 +186,8 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     heads = [{"name": s.name, "lr": s.lr, "n_blocks": s.n_blocks, "avgpool": s.avgpool,
               "holdout_top1": held[i]["top1"] if held else None, "val_top1": val[i]["top1"],
               "val_top5": val[i]["top5"]} for i, s in enumerate(specs)]
-    _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)
+    if main_rank:
+        _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)
     logger.info("selected %s: held-out top-1 %s, val top-1 %.2f%% (best head on val: %s, %.2f%%)",
                 specs[chosen].name, f"{held[chosen]['top1']:.2f}%" if held else "n/a", val[chosen]["top1"],
                 specs[best_val].name, val[best_val]["top1"])
@@ -214,4 +224,5 @@ def _best_epoch_outcome(history: list[list[dict[str, float]]], specs: list[HeadS
 
 SPEC = TaskSpec(name="linear", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True})
+                defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True},
+                distributed=True)  # cached features: extraction sharded over ranks, the grid trained on each

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Subset
 
 from bam.cli import number, number_list, parse_list, resolve_defaults
+from bam.distributed import get_dist_info
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
 from eval.context import TaskContext
@@ -104,6 +105,9 @@ def topk_accuracy(probs: np.ndarray, classes: np.ndarray, labels: np.ndarray) ->
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, DEFAULTS)
+    if args.protocol == "finetune" and get_dist_info().world_size > 1:
+        raise ValueError("--protocol finetune runs in one process for now; start it without torchrun / srun (the "
+                         "logistic regression runs on several: each extracts its share of the images)")
     if args.protocol == "finetune":
         resolve_defaults(args, finetune_task.DEFAULTS, finetune_task.PRESETS.get(args.preset),
                          SAMPLE_FINETUNE if ctx.is_sample else None)
@@ -154,4 +158,5 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 
 SPEC = TaskSpec(name="semisup", help=HELP, headline="top1_", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True})
+                defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True},
+                distributed=True)  # --protocol logreg: extraction sharded over ranks

@@ -80,3 +80,23 @@ def test_knn_under_torchrun_shards_extraction_and_equals_one_process(tmp_path, t
         a, b = torch.load(f, weights_only=True), torch.load(g, weights_only=True)
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["slots"], b["slots"], atol=1e-5), (a["slots"] - b["slots"]).abs().max()
+
+
+@pytest.mark.parametrize("task,extra", [("linear", ["--n-blocks", "1", "--lrs", "0.1,1", "--epochs", "3",
+                                                    "--batch-size", "64", "--extract-batch-size", "64"]),
+                                        ("semisup", ["--fractions", "0.1", "--logreg-c", "0.1,1",
+                                                     "--extract-batch-size", "64"])])
+def test_cached_linear_and_logreg_under_torchrun_equal_one_process(task, extra, tmp_path, tiny_checkpoint):
+    """The frozen protocols on 2 gloo processes: each extracts half the images, each then trains the same heads
+    (logistic regression) on all of them; rank 0 writes. The metrics are one process's."""
+    from .test_run_coco import _torchrun
+
+    def argv(name):
+        return ["--task", task, "--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / name),
+                "--cache-dir", str(tmp_path / "cache"), "--image-size", "32", "--num-workers", "0", *extra]
+
+    assert main(argv("one")) == 0
+    done = _torchrun(argv("two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["metrics"] == one["metrics"]
