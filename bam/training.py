@@ -36,8 +36,8 @@ class NonFiniteLossError(ValueError):
 
 
 def amp_dtype(amp: str, device: torch.device, flag: str = "--amp") -> torch.dtype | None:
-    """The autocast dtype of ``--amp none|bf16|fp16``. fp16 needs CUDA (its GradScaler): the same error for every
-    loop elsewhere, before anything is trained."""
+    """The autocast dtype of ``--amp none|bf16|fp16``. fp16 needs CUDA (its GradScaler): on any other device every
+    loop refuses it with this one error, before anything is trained."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"{flag} {amp!r}: expected one of {', '.join(AMP_DTYPES)}")
     if amp == "fp16" and device.type != "cuda":
