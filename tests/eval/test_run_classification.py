@@ -78,7 +78,7 @@ def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, t
                "--warmup-epochs", "1", "--preset", "vit_small")
     assert set(res["metrics"]) == {"top1", "top5"} and len(res["history"]) == 2
     assert res["config"]["layer_decay"] == 0.75 and res["config"]["mixup"] == 0.8  # preset, then the recipe
-    assert res["effective"] == {"batch_size": 12, "lr": pytest.approx(5e-4 * 12 / 256), "steps": 6}
+    assert res["effective"] == {"batch_size": 12, "accum_iter": 1, "lr": pytest.approx(5e-4 * 12 / 256), "steps": 6}
     state = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and state["model"]["head.weight"].shape == (3, 32)
 
