@@ -1,7 +1,6 @@
 """Pretraining data: ImageFolder images, DINO's multi-crop augmentations (torchvision v2), ContrastiveCrop."""
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from bam.images import IMG_EXTENSIONS, MEAN, STD, open_rgb
+from bam.training import SkipFirst
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)  # (h_min, w_min, h_max, w_max), fractions of the image
 
@@ -104,10 +104,10 @@ class EpochSampler(torch.utils.data.Sampler):
         self.inner.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, i) for i in itertools.islice(self.inner, self.skip, None))
+        return ((self.epoch, i) for i in SkipFirst(self.inner, self.skip))
 
     def __len__(self) -> int:
-        return len(self.inner) - self.skip
+        return len(SkipFirst(self.inner, self.skip))
 
 
 class SeededAugmentedFolder(ImageFolder):

@@ -24,7 +24,6 @@ from transfer.ade20k import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 HELP = "ADE20K semantic segmentation: UperNet on the backbone in mmsegmentation, mIoU / mAcc / aAcc (percent)"
-CONFIGS = CONFIG_DIR
 # preset -> config file per backbone family (ViT, ResNet); the files cite mmseg's recipe for every value
 PRESETS = {
     "160k": {"vit": "upernet_vit_160k.py", "resnet": "upernet_resnet_160k.py"},
@@ -133,7 +132,7 @@ def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone,
     from mmengine.config import Config
 
     family = "vit" if backbone.is_vit else "resnet"
-    source = Path(args.seg_config) if args.seg_config else CONFIGS / PRESETS[args.preset][family]
+    source = Path(args.seg_config) if args.seg_config else CONFIG_DIR / PRESETS[args.preset][family]
     if not source.is_file():
         raise FileNotFoundError(f"--seg-config {source} is not a file")
     cfg = Config.fromfile(str(source))

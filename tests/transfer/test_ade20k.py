@@ -16,6 +16,7 @@ from bam.formats import backbone_checkpoint
 from bam.samples import ade as ade_sample
 from eval import run as front
 from eval.tasks import ade20k as ade20k_task
+from transfer.ade20k import CONFIG_DIR
 
 from ..conftest import TINY_VIT, assert_flag_error, assert_one_line_error
 
@@ -29,7 +30,7 @@ from transfer.ade20k import models as mm  # noqa: E402
 from transfer.ade20k.mmseg_compat import ensure_mmcv_ops, point_sample  # noqa: E402
 
 TINY_VIT4 = dict(TINY_VIT, depth=4)  # UperNet takes 4 levels from 4 different blocks
-SAMPLE_CONFIG = ade20k_task.CONFIGS / "upernet_cpu_sample.py"
+SAMPLE_CONFIG = CONFIG_DIR / "upernet_cpu_sample.py"
 
 
 @pytest.fixture
@@ -188,7 +189,7 @@ def test_iou_metric_perfect_all_wrong_and_by_hand():
 # --- recipe, sample, front door ----------------------------------------------------------------------------------
 
 def test_paper_preset_is_mmsegs_vit_recipe_and_short_runs_shrink_its_schedule(tmp_path):
-    cfg = Config.fromfile(str(ade20k_task.CONFIGS / "upernet_vit_160k.py"))
+    cfg = Config.fromfile(str(CONFIG_DIR / "upernet_vit_160k.py"))
     assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 16
     assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 6e-5
     assert cfg.model.data_preprocessor.size == (512, 512) and cfg.model.backbone.drop_path_rate == 0.1
@@ -203,7 +204,7 @@ def test_cpu_sample_preset_inherits_the_512_base_with_its_own_pipelines():
     """mmengine resolves a base file's names when it reads it: the sample's img_scale and crop size must reach the
     base's pipelines in its dataloaders once the task has applied the config (with no flags: its own values)."""
     cfg = Config.fromfile(str(SAMPLE_CONFIG))
-    base = Config.fromfile(str(ade20k_task.CONFIGS / "_ade20k_512.py"))
+    base = Config.fromfile(str(CONFIG_DIR / "_ade20k_512.py"))
     ade20k_task.apply_overrides(cfg, data_root=Path("/data"), classes=None, iters=cfg.train_cfg.max_iters,
                                 batch_size=cfg.train_dataloader.batch_size, lr=cfg.optim_wrapper.optimizer.lr,
                                 crop_size=cfg.model.data_preprocessor.size[0], num_workers=2)
