@@ -70,6 +70,21 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0's checkpoint is on disk); a no-op without a process group."""
+    if is_dist():
+        dist.barrier()
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` summed over ranks, on ``t``'s device (gloo reduces on the CPU, NCCL on the GPU); ``t``
+    itself without a process group."""
+    if not is_dist():
+        return t
+    out = t.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+    return all_reduce_(out).to(t.device)
+
+
 def mean_over_ranks(value: float | torch.Tensor) -> float:
     """Average a scalar over ranks (for logging); returns a Python float."""
     t = torch.as_tensor(value, dtype=torch.float64).detach().clone()

@@ -91,6 +91,63 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     optimizer.zero_grad(set_to_none=True)
 
 
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys (numpy's ``SeedSequence``): independent streams for, e.g.,
+    ``(seed, epoch, index)``."""
+    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1)[0])
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset`` whose item ``i`` is loaded with the python, numpy and torch generators seeded from ``(seed, i)``.
+
+    An image's augmentation then depends on its index and ``seed`` only, not on which rank, DataLoader worker or
+    micro-batch loads it: a global batch split over 8 processes, or over 16 accumulation steps of one, is made of
+    the same views, and a resumed epoch draws the views the uninterrupted one would have.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed_everything(derived_seed(self.seed, index))
+        return self.dataset[index]
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of every global batch of an epoch (a batch sampler).
+
+    The epoch is ``torch.randperm(n)`` from ``seed`` cut into ``n // batch`` global batches (the rest is dropped);
+    rank ``r`` of ``world`` takes the ``r``-th contiguous share of each and cuts it into ``accum`` micro-batches, so
+    the micro-batch ``k = r * accum + j`` of a step is the same images whatever ``world`` x ``accum`` makes the
+    step. ``first_step`` skips the steps trained before the checkpoint a run resumes from.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1,
+                 first_step: int = 0):
+        if batch % (world * accum):
+            raise ValueError(f"a global batch of {batch} does not split into {world} process(es) x {accum} "
+                             "micro-batch(es)")
+        self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, batch, seed, rank, world, accum
+        self.micro, self.steps, self.first_step = batch // (world * accum), n // batch, first_step
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for step in range(self.first_step, self.steps):
+            start = step * self.batch + self.rank * self.accum * self.micro
+            for j in range(self.accum):
+                yield order[start + j * self.micro:start + (j + 1) * self.micro]
+
+    def __len__(self) -> int:
+        return max(self.steps - self.first_step, 0) * self.accum
+
+    def micro_index(self, step: int, j: int) -> int:
+        """The index of this rank's ``j``-th micro-batch of ``step`` among all the epoch's micro-batches."""
+        return (step * self.world + self.rank) * self.accum + j
+
+
 class SkipFirst(torch.utils.data.Sampler):
     """``sampler``'s indices without the first ``skip``: the part of an epoch trained before the checkpoint a run
     resumes from, so the resumed epoch goes on with the images the uninterrupted one would have seen next."""

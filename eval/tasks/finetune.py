@@ -42,7 +42,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--epochs", type=number(int, ge=1), default=None, help="training epochs")
     group.add_argument("--warmup-epochs", type=number(float, ge=0), default=None, help="linear lr warm-up")
     group.add_argument("--batch-size", type=number(int, ge=1), default=None,
-                       help="global batch of one optimizer step (the recipe's)")
+                       help="global batch of one optimizer step (the recipe's): processes x --accum-iter micro-batches")
     group.add_argument("--accum-iter", type=number(int, ge=1), default=None,
                        help="micro-batches whose gradients make one step (MAE's accum_iter): each forward takes "
                             "batch / accum-iter images, the recipe stays the same")
@@ -90,11 +90,12 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     out = finetune(backbone, train_set, val_set, len(train_eval.classes), args, ctx.device, ctx.output_dir,
                    {"model": ctx.model_id(), "recipe": recipe(args), "data": str(ctx.data_root.resolve())})
     return {"metrics": {"top1": out["top1"], "top5": out["top5"]}, "history": out["history"],
-            "effective": {"batch_size": out["batch_size"], "accum_iter": out["accum_iter"], "lr": out["lr"],
-                          "steps": out["steps"]},
+            "effective": {"batch_size": out["batch_size"], "accum_iter": out["accum_iter"],
+                          "processes": out["world_size"], "lr": out["lr"], "steps": out["steps"]},
             "num_train": len(train_set), "num_val": len(val_set), "classes": train_eval.classes}
 
 
 SPEC = TaskSpec(name="finetune", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE)
+                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE,
+                distributed=True)  # DDP: --batch-size is the global batch, split over ranks x --accum-iter

@@ -22,7 +22,6 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Subset
 
 from bam.cli import number, number_list, parse_list, resolve_defaults
-from bam.distributed import get_dist_info
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
 from eval.context import TaskContext
@@ -105,9 +104,6 @@ def topk_accuracy(probs: np.ndarray, classes: np.ndarray, labels: np.ndarray) ->
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, DEFAULTS)
-    if args.protocol == "finetune" and get_dist_info().world_size > 1:
-        raise ValueError("--protocol finetune runs in one process for now; start it without torchrun / srun (the "
-                         "logistic regression runs on several: each extracts its share of the images)")
     if args.protocol == "finetune":
         resolve_defaults(args, finetune_task.DEFAULTS, finetune_task.PRESETS.get(args.preset),
                          SAMPLE_FINETUNE if ctx.is_sample else None)
@@ -145,10 +141,9 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             out_dir = ctx.output_dir / tag
             out_dir.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(args.seed)
-            out = finetune(ctx.load_backbone(), Subset(full, part["indices"]), val_set,
-                                         len(train_set.classes), args, ctx.device, out_dir,
-                                         {"model": ctx.model_id(), "recipe": finetune_task.recipe(args),
-                                          "data": str(ctx.data_root.resolve()), "subset": part["indices"]})
+            out = finetune(ctx.load_backbone(), Subset(full, part["indices"]), val_set, len(train_set.classes), args,
+                           ctx.device, out_dir, {"model": ctx.model_id(), "recipe": finetune_task.recipe(args),
+                                                 "data": str(ctx.data_root.resolve()), "subset": part["indices"]})
             details.append({**{k: v for k, v in part.items() if k != "indices"}, "num_images": len(part["indices"]),
                             "top1": out["top1"], "top5": out["top5"], "history": out["history"]})
             metrics[f"top1_{tag}"], metrics[f"top5_{tag}"] = out["top1"], out["top5"]
@@ -159,4 +154,4 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
 SPEC = TaskSpec(name="semisup", help=HELP, headline="top1_", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
                 defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True},
-                distributed=True)  # --protocol logreg: extraction sharded over ranks
+                distributed=True)  # logreg: extraction sharded over ranks; finetune: DDP on the global batch

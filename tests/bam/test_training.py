@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from bam.training import (
+    GlobalBatches,
     NonFiniteLossError,
     SaveNow,
+    SeededSamples,
     amp_dtype,
     finite_loss,
     optimizer_step,
@@ -114,3 +116,36 @@ def test_accumulating_two_halves_steps_as_the_whole_batch():
     # d/dw mean((w x - y)^2) = mean(2 x (w x - y)) at w = 0.5: (2*1*-0.5 + 2*2*1 + 2*3*-0.5 + 2*4*1) / 4 = 2.0
     assert whole.item() == pytest.approx(0.5 - 0.1 * 2.0) and halves.item() == pytest.approx(whole.item())
     assert halves.grad is None  # cleared after the step
+
+
+def test_global_batches_split_the_same_steps_over_ranks_and_micro_batches():
+    """10 images, batch 4: 2 steps of the seeded permutation (2 images dropped). 2 ranks x 2 micro-batches of 1 and
+    1 rank x 4 micro-batches cut each step into the same micro-batches, numbered alike; first_step skips steps."""
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+    one = GlobalBatches(10, 4, seed=7, accum=4)
+    assert list(one) == [[i] for i in order[:8]] and len(one) == 8
+    ranks = [GlobalBatches(10, 4, seed=7, rank=r, world=2, accum=2) for r in range(2)]
+    assert list(ranks[0]) == [[order[0]], [order[1]], [order[4]], [order[5]]]
+    assert list(ranks[1]) == [[order[2]], [order[3]], [order[6]], [order[7]]]
+    for step in range(2):
+        for r in range(2):
+            for j in range(2):
+                assert ranks[r].micro_index(step, j) == one.micro_index(step, 2 * r + j)
+    assert list(GlobalBatches(10, 4, seed=7, accum=2, first_step=1)) == [order[4:6], order[6:8]]
+    with pytest.raises(ValueError, match="global batch of 4 does not split into 3 process"):
+        GlobalBatches(10, 4, seed=7, world=3)
+
+
+def test_seeded_samples_draw_by_index_whatever_the_order():
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(1).item(), random.random(), np.random.rand()
+
+    data = SeededSamples(Draw(), seed=3)
+    forward = [data[i] for i in range(5)]
+    torch.manual_seed(99)
+    assert [data[i] for i in reversed(range(5))] == forward[::-1]
+    assert len(set(forward)) == 5 and SeededSamples(Draw(), seed=4)[0] != forward[0]

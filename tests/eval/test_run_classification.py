@@ -78,7 +78,8 @@ def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, t
                "--warmup-epochs", "1", "--preset", "vit_small")
     assert set(res["metrics"]) == {"top1", "top5"} and len(res["history"]) == 2
     assert res["config"]["layer_decay"] == 0.75 and res["config"]["mixup"] == 0.8  # preset, then the recipe
-    assert res["effective"] == {"batch_size": 12, "accum_iter": 1, "lr": pytest.approx(5e-4 * 12 / 256), "steps": 6}
+    assert res["effective"] == {"batch_size": 12, "accum_iter": 1, "processes": 1, "lr": pytest.approx(5e-4 * 12 / 256),
+                                "steps": 6}
     state = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and state["model"]["head.weight"].shape == (3, 32)
 
@@ -119,6 +120,38 @@ def test_semisup_finetune_protocol(digit_folders, tmp_path, tiny_checkpoint):
                "--fractions", "0.5", "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0")
     assert res["subsets"][0]["num_images"] == 18 and len(res["subsets"][0]["history"]) == 1
     assert (tmp_path / "ssft" / "50pct" / "checkpoint.pth").is_file()
+
+
+@pytest.mark.parametrize("task", ["finetune", "semisup"])
+def test_fine_tuning_on_two_processes_equals_one_process_accumulating_two_micro_batches(task, digit_folders, tmp_path,
+                                                                                       tiny_checkpoint):
+    """torchrun, 2 gloo processes x 6 images vs 1 process x 2 micro-batches of 6, the same global batch of 12 and the
+    full recipe (RandAugment, Mixup/CutMix, drop path): the same views and draws, so the validation figures are equal
+    and the training losses agree to float32 rounding."""
+    from .test_run_coco import _torchrun
+
+    extra = ["--epochs", "2", "--batch-size", "12", "--warmup-epochs", "1"]
+    if task == "semisup":
+        extra += ["--protocol", "finetune", "--fractions", "0.5"]
+
+    def argv(name):
+        return ["--task", task, "--data", str(digit_folders), "--output-dir", str(tmp_path / name), "--checkpoint",
+                str(tiny_checkpoint), *COMMON, *extra]
+
+    assert main([*argv("one"), "--accum-iter", "2"]) == 0
+    done = _torchrun(argv("two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("joined process group") == 2 and done.stdout.count(f"{task} -- ") == 1
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["metrics"] == one["metrics"]
+    histories = [(r["history"] if task == "finetune" else r["subsets"][0]["history"]) for r in (one, two)]
+    assert len(histories[0]) == 2
+    for a, b in zip(*histories):
+        assert (a["val_top1"], a["val_top5"]) == (b["val_top1"], b["val_top5"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    if task == "finetune":
+        assert (one["effective"]["processes"], two["effective"]["processes"]) == (1, 2)
+        assert two["effective"]["accum_iter"] == 1 and one["effective"]["accum_iter"] == 2
 
 
 def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, caplog, capsys):

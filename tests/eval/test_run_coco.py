@@ -148,10 +148,9 @@ def test_coco_under_torchrun_trains_with_ddp_and_shards_evaluation(coco_root, tm
 
 
 def test_single_process_tasks_refuse_torchrun(digit_folders, tmp_path):
-    done = _torchrun(["--task", "finetune", "--data", str(digit_folders), "--output-dir", str(tmp_path / "o")],
-                     timeout=120)
+    done = _torchrun(["--task", "davis", "--output-dir", str(tmp_path / "o")], timeout=120)
     assert done.returncode != 0
-    assert "--task finetune runs in one process; start it without torchrun" in done.stderr
+    assert "--task davis runs in one process; start it without torchrun" in done.stderr
     done = _torchrun(["--task", "linear", "--augment", "--data", str(digit_folders), "--output-dir",
                       str(tmp_path / "o")], timeout=120)  # a mode of a multi-process task
     assert done.returncode != 0 and "--augment (the official probe's augmented views) runs in one process" \

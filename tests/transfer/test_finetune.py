@@ -1,10 +1,16 @@
 """Fine-tuning parts: layer-decay groups (MAE's rule, hand-computed), the lr schedule, one step, resuming."""
 import argparse
+import copy
 import math
+import os
+import signal
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -172,5 +178,106 @@ def test_accumulated_micro_batches_make_the_gradient_of_the_global_batch(digit_f
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
     assert runs["accum"]["history"][0]["train_loss"] == pytest.approx(runs["whole"]["history"][0]["train_loss"],
                                                                       rel=1e-3)
-    with pytest.raises(ValueError, match="--batch-size 16 must be a multiple of --accum-iter 3"):
+    with pytest.raises(ValueError, match=r"--batch-size 16 must be a multiple of 1 process\(es\) x --accum-iter 3"):
         _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "bad", accum_iter=3, **plain)
+
+
+class _Preempted(Exception):
+    """What submitit's handler does at the signal, in-process: stop the run (it requeues the job)."""
+
+
+def test_a_signal_mid_epoch_saves_after_the_step_and_the_rerun_ends_with_the_uninterrupted_weights(
+        digit_folders, tmp_path, tiny_vit, monkeypatch, caplog):
+    """Full recipe (RandAugment, Mixup/CutMix, drop path, erasing): SIGUSR1 during step 2 of epoch 2 saves after
+    that step and passes the signal on; the same call again resumes at step 3 of epoch 2 and ends bit-equal."""
+    whole = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "whole", epochs=2)
+    step, calls = torch.optim.AdamW.step, []
+
+    def signalled_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 + 2:  # 4 steps per epoch: the second step of epoch 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, *args, **kwargs)
+
+    def preempted(signum, frame):
+        raise _Preempted
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", signalled_step)
+    previous = signal.signal(signal.SIGUSR1, preempted)
+    try:
+        with pytest.raises(_Preempted):
+            _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["iteration"], len(calls)) == (0, 2, 6)  # epoch 1 done, 2 steps of epoch 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    torch.manual_seed(123)  # the process that resumes starts with other random state
+    again = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=2)
+    assert "(epoch 1 done, 2 steps into epoch 2)" in caplog.text
+    assert again["history"] == whole["history"]
+    a, b = (torch.load(tmp_path / n / "checkpoint.pth", weights_only=True)["model"] for n in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Float64(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image.double(), label
+
+
+def _float64_finetune(backbone_state, folders, out, **kw):
+    """The fine-tuning of a tiny ViT in float64 (the rounding of a split sum stays far below the tolerance)."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small_patch16_224", **TINY_VIT)
+    backbone.model.load_state_dict(backbone_state)
+    args = _args(epochs=2, **kw)
+    train = _Float64(ft.train_dataset(folders / "train", args))
+    val = _Float64(EvalImageFolder(folders / "val", 32))
+    return ft.finetune(backbone, train, val, 3, args, torch.device("cpu"), out, {"run": 1})
+
+
+def _ddp_worker(rank, port, state, folders, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        result = _float64_finetune(state, folders, out, accum_iter=1)
+        torch.save({"history": result["history"], "world_size": result["world_size"]}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_the_weights_of_one_process_accumulating_two_micro_batches(digit_folders, tmp_path,
+                                                                                        tiny_vit):
+    """The full recipe (RandAugment, Mixup/CutMix, drop path, erasing), a global batch of 8: DDP over 2 gloo processes
+    x 4 images equals 1 process x 2 accumulated micro-batches of 4 (the same views, Mixup pairs and drop-path masks
+    by their place in the epoch), weights to 1e-9 after 2 epochs in float64; validation figures equal."""
+    state = {k: v.double() for k, v in tiny_vit.model.state_dict().items()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "two").mkdir()
+    mp.spawn(_ddp_worker, args=(port, state, digit_folders, tmp_path / "two"), nprocs=2, join=True)
+    dtype = torch.get_default_dtype()
+    try:
+        one = _float64_finetune(state, digit_folders, tmp_path / "one", accum_iter=2)
+    finally:
+        torch.set_default_dtype(dtype)
+    a, b = (torch.load(tmp_path / n / "checkpoint.pth", weights_only=True)["model"] for n in ("one", "two"))
+    assert a.keys() == b.keys() and all(v.dtype == torch.float64 for v in a.values())
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-9, rtol=0), (k, (a[k] - b[k]).abs().max())
+    assert not torch.equal(a["head.weight"], torch.zeros_like(a["head.weight"]))
+    for rank in range(2):
+        got = torch.load(tmp_path / "two" / f"rank{rank}.pt", weights_only=True)
+        assert got["world_size"] == 2
+        for h, g in zip(one["history"], got["history"]):
+            assert (h["val_top1"], h["val_top5"]) == (g["val_top1"], g["val_top5"])
+            assert h["train_loss"] == pytest.approx(g["train_loss"], abs=1e-9)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,13 +21,14 @@ from timm.data import Mixup, create_transform
 from timm.data.auto_augment import posterize as timm_posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from bam import training
 from bam.backbones import Backbone, build_backbone
 from bam.checkpoint import latest_path, load_file, remove_stale_temporaries, save_atomic
+from bam.distributed import barrier, get_dist_info, sum_over_ranks
 from bam.images import MEAN, STD, labelled_folder
 
 logger = logging.getLogger(__name__)
@@ -161,12 +163,17 @@ def train_dataset(root: Path, args) -> ImageFolder:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, workers: int
              ) -> dict[str, float]:
+    """Top-1 / top-5 (percent) on ``dataset``. Under a process group each rank scores every ``world``-th image and
+    the counts are summed: every rank returns the whole set's figures."""
+    info = get_dist_info()
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.world_size > 1 else dataset
     model.eval()
-    hits1 = hits5 = n = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=workers):
         logits = model(images.to(device)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu() == labels[:, None]
-        hits1, hits5, n = hits1 + top[:, 0].sum().item(), hits5 + top.any(dim=1).sum().item(), n + len(labels)
+        counts += torch.tensor([top[:, 0].sum().item(), top.any(dim=1).sum().item(), len(labels)], dtype=torch.float64)
+    hits1, hits5, n = sum_over_ranks(counts).tolist()
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n}
 
 
@@ -174,23 +181,32 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
              device: torch.device, output_dir: Path, run_id: dict) -> dict:
     """Fine-tune ``backbone`` with a new head on ``train_set``; evaluate on ``val_set`` every epoch.
 
+    ``args.batch_size`` is the global batch of one optimizer step, whatever makes it: under a process group of
+    ``world`` ranks (DistributedDataParallel) each step is ``world`` x ``args.accum_iter`` micro-batches. Every
+    image's augmentation, and every micro-batch's Mixup/CutMix and drop path, is seeded from its place in the epoch
+    (:class:`bam.training.SeededSamples`, :class:`bam.training.GlobalBatches`), so 8 x 128 and 1 x 64 x 16 train on
+    the same views and differ only by float rounding.
+
     ``run_id`` (the weights' identity and the recipe) guards resuming: ``output_dir/checkpoint.pth`` is resumed
-    only when it was written by the same run; otherwise the run starts over.
+    only when it was written by the same run; otherwise the run starts over. The checkpoint is written after every
+    epoch and, at a preemption signal (:class:`bam.training.SaveNow`), after the optimizer step under way; a
+    resumed run goes on from the next step and ends with the weights of an uninterrupted one.
     """
-    training.seed_everything(args.seed)  # Mixup, RandAugment, erasing, drop path, head
+    info = get_dist_info()
+    training.seed_everything(args.seed)  # the head's initialisation
     batch = args.batch_size
     mixing = args.mixup > 0 or args.cutmix > 0
     if len(train_set) < batch:
         batch = max(2, len(train_set) - len(train_set) % 2) if mixing else len(train_set)
         logger.warning("only %d training images: batch size %d instead of %d", len(train_set), batch, args.batch_size)
-    accum = args.accum_iter
-    if batch % accum:
-        raise ValueError(f"--batch-size {batch} must be a multiple of --accum-iter {accum} (the batch is the global "
-                         "batch of one optimizer step, made of --accum-iter micro-batches)")
-    micro = batch // accum
+    accum, world = args.accum_iter, info.world_size
+    if batch % (world * accum):
+        raise ValueError(f"--batch-size {batch} must be a multiple of {world} process(es) x --accum-iter {accum} "
+                         f"(the global batch of one optimizer step, made of {world * accum} micro-batches)")
+    micro = batch // (world * accum)
     if mixing and micro % 2:
-        raise ValueError(f"--batch-size {batch} / --accum-iter {accum} = {micro} images must be even with "
-                         "Mixup/CutMix (timm pairs images)")
+        raise ValueError(f"--batch-size {batch} / ({world} process(es) x --accum-iter {accum}) = {micro} images must "
+                         "be even with Mixup/CutMix (timm pairs images)")
     model = Classifier(with_drop_path(backbone, args.drop_path), num_classes, args.pool).to(device)
     lr = args.blr * batch / 256.0
     optimizer = torch.optim.AdamW(layer_decay_groups(model, model.backbone, args.weight_decay, args.layer_decay), lr=lr,
@@ -201,59 +217,84 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
                   num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else \
         LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+    run_key = json.loads(json.dumps(run_id, default=str))
 
-    ckpt_path, start_epoch, history = latest_path(output_dir), 0, []
-    remove_stale_temporaries(output_dir)
+    ckpt_path, start_epoch, first_step, running, history = latest_path(output_dir), 0, 0, 0.0, []
+    if info.is_main:
+        remove_stale_temporaries(output_dir)
     if ckpt_path.is_file():
         state = load_file(ckpt_path)
-        if state.get("run_id") == json.loads(json.dumps(run_id, default=str)):
-            # the generators too: Mixup, RandAugment and drop path draw from them
+        if state.get("run_id") == run_key:
             training.restore_training_state(state, model, optimizer, scaler)
             start_epoch, history = state["epoch"] + 1, state["history"]
-            logger.info("resuming fine-tuning from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
+            first_step, running = state.get("iteration", 0), state.get("running_loss", 0.0)
+            where = f", {first_step} steps into epoch {start_epoch + 1}" if first_step else ""
+            logger.info("resuming fine-tuning from %s (epoch %d done%s)", ckpt_path, start_epoch, where)
         else:
             logger.warning("%s belongs to another run (other weights or recipe): starting over", ckpt_path)
+    ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    loader_kw = {"batch_size": micro, "drop_last": True, "num_workers": args.num_workers,
-                 "pin_memory": device.type == "cuda", "persistent_workers": False}
     steps_per_epoch = len(train_set) // batch
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader = DataLoader(train_set, shuffle=True, generator=torch.Generator().manual_seed(args.seed * 1009 + epoch),
-                            **loader_kw)
-        running = 0.0
-        bar = tqdm(total=steps_per_epoch * accum, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        for i, (images, labels) in enumerate(loader):
-            if i == steps_per_epoch * accum:  # the images left over are fewer than a global batch
-                break
-            it, last_micro = i // accum, (i + 1) % accum == 0
-            if i % accum == 0:
-                set_group_lrs(optimizer, lr_at(epoch * steps_per_epoch + it, total, warmup, lr, args.min_lr))
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            with training.autocast(device, dtype):
-                loss = criterion(model(images).float(), labels)
-            last_good = ckpt_path if epoch > 0 else "none yet"
-            running += training.finite_loss(loss, f"epoch {epoch}, step {it}", last_good, "lower --blr") / accum
-            training.optimizer_step(loss / accum if accum > 1 else loss, optimizer, scaler, args.clip_grad,
-                                    model.parameters(), accumulate=not last_micro)
-            bar.update()
-        bar.close()
-        val = evaluate(model, val_set, device, micro, args.num_workers)
-        history.append({"epoch": epoch, "train_loss": running / max(steps_per_epoch, 1), **{f"val_{k}": v for k, v
-                        in val.items()}, "lr": optimizer.param_groups[-1]["lr"]})
-        logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch + 1, args.epochs,
-                    history[-1]["train_loss"], val["top1"])
-        state = training.training_state(model, optimizer, scaler, epoch=epoch, history=history,
-                                        run_id=json.loads(json.dumps(run_id, default=str)), arch=backbone.arch,
-                                        num_classes=num_classes, pool=args.pool)
-        save_atomic(state, ckpt_path)
-    with open(output_dir / "log.jsonl", "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+
+    def save(epoch_done: int, **position) -> None:
+        if info.is_main:
+            save_atomic(training.training_state(model, optimizer, scaler, epoch=epoch_done, history=history,
+                                                run_id=run_key, arch=backbone.arch, num_classes=num_classes,
+                                                pool=args.pool, **position), ckpt_path)
+        barrier()
+
+    with training.SaveNow() as save_now:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            first = first_step if epoch == start_epoch else 0
+            running = running if epoch == start_epoch else 0.0
+            sampler = training.GlobalBatches(len(train_set), batch, args.seed * 1009 + epoch, info.rank, world,
+                                             accum, first)
+            loader = DataLoader(training.SeededSamples(train_set, training.derived_seed(args.seed, epoch)),
+                                batch_sampler=sampler, num_workers=args.num_workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            bar = tqdm(total=len(sampler), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                       disable=not info.is_main)
+            for i, (images, labels) in enumerate(loader):
+                step, j = first + i // accum, i % accum
+                last_micro = j == accum - 1
+                if j == 0:
+                    set_group_lrs(optimizer, lr_at(epoch * steps_per_epoch + step, total, warmup, lr, args.min_lr))
+                # Mixup/CutMix and drop path draw from the generators: seeded by the micro-batch's place in the epoch
+                training.seed_everything(training.derived_seed(args.seed, epoch, sampler.micro_index(step, j)))
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if mixup is not None:
+                    images, labels = mixup(images, labels)
+                with nullcontext() if last_micro or world == 1 else ddp.no_sync():
+                    with training.autocast(device, dtype):
+                        loss = criterion(ddp(images).float(), labels)
+                    mean_loss = sum_over_ranks(loss.detach()) / world  # a NaN on any rank stops every rank
+                    last_good = ckpt_path if ckpt_path.is_file() else "none yet"
+                    running += training.finite_loss(mean_loss, f"epoch {epoch}, step {step}", last_good,
+                                                    "lower --blr") / accum
+                    training.optimizer_step(loss / accum if accum > 1 else loss, optimizer, scaler, args.clip_grad,
+                                            model.parameters(), accumulate=not last_micro)
+                bar.update()
+                if last_micro and step + 1 < steps_per_epoch and save_now.due():
+                    save(epoch - 1, iteration=step + 1, running_loss=running)
+                    logger.info("saved %s at step %d of epoch %d (signal)", ckpt_path, step + 1, epoch + 1)
+                    save_now.release()
+            bar.close()
+            val = evaluate(model, val_set, device, micro, args.num_workers)
+            history.append({"epoch": epoch, "train_loss": running / max(steps_per_epoch, 1),
+                            **{f"val_{k}": v for k, v in val.items()}, "lr": optimizer.param_groups[-1]["lr"]})
+            logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch + 1, args.epochs,
+                        history[-1]["train_loss"], val["top1"])
+            save(epoch)
+            if save_now.due():  # a signal during the epoch's end: its checkpoint is on disk
+                save_now.release()
     if not history:
         raise ValueError(f"--epochs {args.epochs}: nothing to train")
+    if info.is_main:
+        with open(output_dir / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
     last = history[-1]
     return {"top1": last["val_top1"], "top5": last["val_top5"], "history": history, "batch_size": batch,
-            "accum_iter": accum, "lr": lr, "steps": total}
+            "accum_iter": accum, "world_size": world, "lr": lr, "steps": total}
