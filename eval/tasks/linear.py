@@ -7,6 +7,11 @@ judged on the validation set itself, optimistic) is reported beside it, named as
 ``--select best_epoch_on_val`` (the ``bam_vitb`` preset) is the official probe's rule instead (DanielShalam/BAM
 eval_linear.py:219-223, DINO's too): train on all of ``train/``, evaluate on ``val/`` after every epoch and report
 the best of those accuracies, as ``top1_best_epoch_on_val`` with its ``best_epoch``.
+
+The heads, their optimizer and schedule are saved to ``checkpoint.pth`` after every epoch and at a preemption signal
+(after the step under way); the same command resumes from it and ends with the uninterrupted run's heads. Under
+torchrun / SLURM tasks each rank extracts (or, with ``--augment``, sends through the backbone) its share of the
+images and every rank steps the heads on the gathered batch: the numbers of one process.
 """
 from __future__ import annotations
 
@@ -21,11 +26,12 @@ import torch
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Subset
 
-from bam.checkpoint import save_atomic
+from bam.checkpoint import load_file, remove_stale_temporaries, save_atomic
 from bam.cli import number, number_list, parse_list, resolve_defaults
-from bam.distributed import get_dist_info
+from bam.distributed import all_gather_rows, barrier, get_dist_info
 from bam.images import MEAN, STD, labelled_folder, labelled_splits
 from bam.samples.photos import photos_sample
+from bam.training import GlobalBatches, SeededSamples, derived_seed
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.classification.linear import HeadSpec, LinearGrid, evaluate_grid, feature_batches, select_head, train_grid
@@ -98,31 +104,40 @@ def head_specs(args: argparse.Namespace, is_vit: bool) -> list[HeadSpec]:
     return [HeadSpec(lr, n, p) for n in sorted(set(blocks)) for p in sorted(set(pools)) for lr in lrs]
 
 
-def augmented_batches(backbone, root: Path, indices: list[int], n_blocks: int, args, device: torch.device):
-    """DINO's probe training views, each batch through the frozen backbone once for every head."""
+def augmented_batches(backbone, root: Path, indices: list[int], n_blocks: int, batch: int, args, device: torch.device):
+    """DINO's probe training views, each batch through the frozen backbone once for every head.
+
+    Under a process group each rank sends its share of every global batch (:class:`bam.training.GlobalBatches`)
+    through the backbone and the shares are gathered: every rank steps the heads on the whole batch, as one process
+    would (BatchNorm heads see the global batch's statistics, as the official probe's SyncBatchNorm). Each view is
+    seeded by its image and the epoch, whichever rank draws it.
+    """
     transform = T.Compose([T.ToImage(), T.RandomResizedCrop(args.image_size, antialias=True), T.RandomHorizontalFlip(),
                            T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
     dataset = Subset(labelled_folder(root, transform), indices)
+    info, dtype = get_dist_info(), next(backbone.parameters()).dtype
 
-    def batches(epoch: int):
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) > args.batch_size,
-                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+    def batches(epoch: int, first: int = 0):
+        sampler = GlobalBatches(len(dataset), batch, args.seed * 100003 + epoch, info.rank, info.world_size,
+                                first_step=first)
+        loader = DataLoader(SeededSamples(dataset, derived_seed(args.seed, epoch)), batch_sampler=sampler,
+                            num_workers=args.num_workers, pin_memory=device.type == "cuda")
         for images, labels in loader:
             with torch.no_grad():
-                slots = feature_slots(backbone, images.to(device, non_blocking=True), n_blocks).float()
-            yield slots, labels.to(device, non_blocking=True)
+                slots = feature_slots(backbone, images.to(device, dtype, non_blocking=True), n_blocks)
+            yield all_gather_rows(slots), all_gather_rows(labels.to(device, non_blocking=True))
     return batches
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in [*DEFAULTS, "seed"] if k not in ("extract_batch_size", "num_workers")}
 
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset))
     if not 0.0 <= args.holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction {args.holdout_fraction} must be in [0, 1)")
-    main_rank = get_dist_info().rank == 0  # under torchrun: every rank extracts its share, rank 0 writes
-    if args.augment and get_dist_info().world_size > 1:
-        raise ValueError("--augment (the official probe's augmented views) runs in one process for now; start it "
-                         "without torchrun / srun, or use the cached features (--no-augment) on several")
+    info = get_dist_info()  # under torchrun: every rank extracts its share, rank 0 writes
     train_set, val_set = labelled_splits(ctx.data_root, args.image_size)
     backbone = ctx.load_backbone().to(ctx.device).eval().requires_grad_(False)
     specs = head_specs(args, backbone.is_vit)
@@ -130,6 +145,13 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     train_idx, hold_idx = holdout_split(train_set.targets, args.holdout_fraction, args.seed)
     if args.holdout_fraction > 0 and not hold_idx:
         raise ValueError("--holdout-fraction leaves no held-out image; raise it or use 0 (select on val)")
+    batch = args.batch_size
+    if args.augment and len(train_idx) < batch:  # the global batch, split over the ranks
+        batch = len(train_idx) - len(train_idx) % info.world_size
+        logger.warning("only %d training images: batch size %d instead of %d", len(train_idx), batch, args.batch_size)
+    if args.augment and batch % info.world_size:
+        raise ValueError(f"--batch-size {batch} must be a multiple of the {info.world_size} processes (each sends "
+                         "its share of the global batch through the backbone)")
 
     def frozen(dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return cached_slots(ctx.feature_cache, ctx.model_id(), backbone, dataset, ctx.device, args.extract_batch_size,
@@ -142,36 +164,54 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
                 args.epochs, len(train_idx), len(hold_idx), ", augmented views" if args.augment else "")
     if args.augment:  # training sees augmented views: only the held-out images need frozen features
         held_slots = frozen(Subset(train_set, hold_idx), "held-out") if hold_idx else None
-        batches = augmented_batches(backbone, Path(train_set.root), train_idx, n_blocks, args, ctx.device)
+        batches = augmented_batches(backbone, Path(train_set.root), train_idx, n_blocks, batch, args, ctx.device)
     else:
         train_slots, train_labels = frozen(train_set, "train")
         held_slots = (train_slots[hold_idx], train_labels[hold_idx]) if hold_idx else None
-        batches = feature_batches(train_slots[train_idx], train_labels[train_idx], args.batch_size, args.seed,
-                                  ctx.device)
-    # becomes log.jsonl once trained: a failed run keeps the old one
-    log_path = ctx.output_dir / ".log.jsonl.partial" if main_rank else Path(os.devnull)
-    if main_rank:
-        log_path.unlink(missing_ok=True)
+        batches = feature_batches(train_slots[train_idx], train_labels[train_idx], batch, args.seed, ctx.device)
     per_epoch = args.select == "best_epoch_on_val"
     val_on_device = [t.to(ctx.device) for t in val_slots]
     val_history: list[list[dict[str, float]]] = []
+    records: list[dict] = []  # log.jsonl once trained: a failed run keeps the old one
+    log_path = ctx.output_dir / ".log.jsonl.partial"
+    ckpt_path, run_id = ctx.output_dir / "checkpoint.pth", json.loads(json.dumps(
+        {"model": ctx.model_id(), "recipe": recipe(args), "data": str(ctx.data_root.resolve())}, default=str))
+    resume = None
+    if info.is_main:
+        remove_stale_temporaries(ctx.output_dir)
+    if ckpt_path.is_file():
+        state = load_file(ckpt_path)
+        if state.get("run_id") == run_id:
+            resume, val_history, records = state["loop"], state["val_history"], state["records"]
+            logger.info("resuming the linear probes from %s (epoch %d, step %d)", ckpt_path, resume["epoch"] + 1,
+                        resume["iteration"])
+        else:
+            logger.warning("%s belongs to another run (other weights or recipe): starting over", ckpt_path)
+    if info.is_main:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def on_epoch(epoch: int, loss: float) -> None:
-        record = {"epoch": epoch, "mean_head_loss": loss}
+        records.append({"epoch": epoch, "mean_head_loss": loss})
         if per_epoch:  # the official probe validates after every epoch
             val_history.append(evaluate_grid(grid, *val_on_device))
-            record["val_top1"] = [r["top1"] for r in val_history[-1]]
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            records[-1]["val_top1"] = [r["top1"] for r in val_history[-1]]
+        if info.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(records[-1]) + "\n")
         if epoch % max(1, args.epochs // 10) == 0 or epoch == args.epochs - 1:
             logger.info("epoch %d/%d: mean head loss %.4f", epoch + 1, args.epochs, loss)
 
-    train_grid(grid, batches, args.epochs, args.batch_size, on_epoch)
-    if main_rank:
+    def save(loop: dict) -> None:  # the heads are the same on every rank: rank 0 writes them
+        if info.is_main:
+            save_atomic({"loop": loop, "val_history": val_history, "records": records, "run_id": run_id}, ckpt_path)
+        barrier()
+
+    train_grid(grid, batches, args.epochs, batch, on_epoch, resume, save)
+    if info.is_main:
         os.replace(log_path, ctx.output_dir / "log.jsonl")
     if per_epoch:
         chosen, outcome = _best_epoch_outcome(val_history, specs, train_set, len(train_idx), len(val_set))
-        if main_rank:
+        if info.is_main:
             _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)  # as trained
         return outcome
 
@@ -186,7 +226,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     heads = [{"name": s.name, "lr": s.lr, "n_blocks": s.n_blocks, "avgpool": s.avgpool,
               "holdout_top1": held[i]["top1"] if held else None, "val_top1": val[i]["top1"],
               "val_top5": val[i]["top5"]} for i, s in enumerate(specs)]
-    if main_rank:
+    if info.is_main:
         _save_head(grid, specs, chosen, args, train_set.classes, backbone.arch, ctx.output_dir)
     logger.info("selected %s: held-out top-1 %s, val top-1 %.2f%% (best head on val: %s, %.2f%%)",
                 specs[chosen].name, f"{held[chosen]['top1']:.2f}%" if held else "n/a", val[chosen]["top1"],
@@ -196,7 +236,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
                "top1_best_on_val": val[best_val]["top1"]}
     return {"metrics": metrics, "selected_head": specs[chosen].name, "selected_on": "holdout" if held else "val",
             "best_on_val_head": specs[best_val].name, "heads": heads, "num_train": len(train_idx),
-            "num_holdout": len(hold_idx), "num_val": len(val_set), "classes": train_set.classes}
+            "num_holdout": len(hold_idx), "num_val": len(val_set), "batch_size": batch, "classes": train_set.classes}
 
 
 def _save_head(grid: LinearGrid, specs: list[HeadSpec], chosen: int, args: argparse.Namespace, classes: list[str],
@@ -225,4 +265,4 @@ def _best_epoch_outcome(history: list[list[dict[str, float]]], specs: list[HeadS
 SPEC = TaskSpec(name="linear", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
                 defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True},
-                distributed=True)  # cached features: extraction sharded over ranks, the grid trained on each
+                distributed=True)  # extraction (or the augmented views' forward) sharded over ranks

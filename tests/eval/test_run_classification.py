@@ -154,6 +154,78 @@ def test_fine_tuning_on_two_processes_equals_one_process_accumulating_two_micro_
         assert two["effective"]["accum_iter"] == 1 and one["effective"]["accum_iter"] == 2
 
 
+def test_the_official_probe_on_two_processes_equals_one_process(digit_folders, tmp_path, tiny_checkpoint):
+    """--preset bam_vitb (augmented views, BatchNorm head, best validation epoch) under torchrun, 2 gloo processes:
+    the metrics of one process and its head to float32 rounding."""
+    from .test_run_coco import _torchrun
+
+    def argv(name):
+        return ["--task", "linear", "--data", str(digit_folders), "--output-dir", str(tmp_path / name), "--checkpoint",
+                str(tiny_checkpoint), *COMMON, "--preset", "bam_vitb", "--epochs", "3", "--batch-size", "12",
+                "--extract-batch-size", "12"]
+
+    assert main(argv("one")) == 0
+    done = _torchrun(argv("two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("joined process group") == 2 and done.stdout.count("linear -- ") == 1
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["metrics"] == one["metrics"] and two["heads"] == one["heads"]
+    a, b = (torch.load(tmp_path / n / "linear_head.pth", weights_only=True)["state_dict"] for n in ("one", "two"))
+    assert a["bn.num_batches_tracked"] == b["bn.num_batches_tracked"] == 3 * 3
+    for k in ("linear.weight", "linear.bias", "bn.running_mean", "bn.running_var"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+class _Preempted(Exception):
+    """What submitit's handler does at the signal, in-process: stop the run (it requeues the job)."""
+
+
+@pytest.mark.parametrize("mode", [["--preset", "bam_vitb"], ["--no-augment", "--n-blocks", "1,2"]],
+                         ids=["augmented", "cached"])
+def test_a_signal_mid_epoch_saves_the_probes_and_the_same_command_resumes_them(mode, digit_folders, tmp_path,
+                                                                              tiny_checkpoint, monkeypatch, caplog):
+    """SIGUSR1 during the 5th step (epoch 2 of 3 steps each) saves after that step and passes the signal on; the
+    same command resumes at step 2 of epoch 2 and ends with the uninterrupted run's heads, log and metrics."""
+    import os
+    import signal
+
+    def argv(name):
+        return ["--task", "linear", "--data", str(digit_folders), "--output-dir", str(tmp_path / name), "--checkpoint",
+                str(tiny_checkpoint), *COMMON, "--epochs", "3", "--batch-size", "12", "--extract-batch-size", "12",
+                "--lrs", "0.1,1", *mode]
+
+    assert main(argv("whole")) == 0
+    step, calls = torch.optim.SGD.step, []
+
+    def signalled_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, *args, **kwargs)
+
+    def preempted(signum, frame):
+        raise _Preempted
+
+    monkeypatch.setattr(torch.optim.SGD, "step", signalled_step)
+    previous = signal.signal(signal.SIGUSR1, preempted)
+    try:
+        with pytest.raises(_Preempted):
+            main(argv("resumed"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    loop = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["loop"]
+    assert (loop["epoch"], loop["iteration"]) == (1, 2) and not (tmp_path / "resumed" / "results.json").exists()
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    caplog.clear()
+    assert main(argv("resumed")) == 0
+    assert "resuming the linear probes from" in caplog.text and "(epoch 2, step 2)" in caplog.text
+    whole, resumed = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "resumed"))
+    assert resumed["metrics"] == whole["metrics"] and resumed["heads"] == whole["heads"]
+    assert (tmp_path / "resumed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+    a, b = (torch.load(tmp_path / n / "linear_head.pth", weights_only=True)["state_dict"] for n in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, caplog, capsys):
     base = ["--data", str(digit_folders), "--output-dir", str(tmp_path / "o"), *COMMON]
     lin = ["--task", "linear", *base, "--checkpoint", str(tiny_checkpoint)]

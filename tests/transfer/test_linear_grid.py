@@ -1,9 +1,16 @@
 """The linear-probe grid: N heads trained together equal N heads trained alone; the selection picks the best lr."""
+import argparse
 import copy
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from bam import build_backbone
+from eval.tasks.linear import augmented_batches
 from transfer.classification.linear import (
     HeadSpec,
     LinearGrid,
@@ -13,6 +20,8 @@ from transfer.classification.linear import (
     select_head,
     train_grid,
 )
+
+from ..conftest import TINY_VIT
 
 CPU = torch.device("cpu")
 
@@ -121,3 +130,47 @@ def test_the_official_probe_transcription_matches_its_files():
     files = {"L": root / "scripts" / "linear" / "linear.slurm", "E": root / "eval_linear.py"}
     for key, ((where, line, text), _) in {**BAM_PROBE, "tasks": ((("L", 7, "--ntasks=8")), None)}.items():
         assert text in " ".join(files[where].read_text().splitlines()[line - 1].split()), key
+
+
+def _augmented_probe(backbone_state, root, n):
+    """The official probe's training (augmented views through the frozen tiny ViT, a BatchNorm head) in float64."""
+    torch.set_default_dtype(torch.float64)
+    backbone = build_backbone("vit_small_patch16_224", **TINY_VIT).eval().requires_grad_(False)
+    backbone.model.load_state_dict(backbone_state)
+    args = argparse.Namespace(image_size=32, seed=0, num_workers=0)
+    batches = augmented_batches(backbone, root, list(range(n)), 1, 12, args, CPU)
+    torch.manual_seed(0)
+    grid = LinearGrid([HeadSpec(0.5, 1, True), HeadSpec(0.05, 1, False)], 32, 3, bn=True)
+    losses = []
+    train_grid(grid, batches, epochs=2, batch_size=12, on_epoch=lambda epoch, loss: losses.append(loss))
+    return grid.state_dict(), losses
+
+
+def _probe_worker(rank, port, state, root, n, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.save(_augmented_probe(state, root, n), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_augmented_probe_on_two_processes_trains_the_heads_of_one_process(digit_folders, tmp_path, tiny_vit):
+    """Each of 2 gloo processes sends its 6 images of every global batch of 12 through the backbone; the gathered
+    batch steps the heads (BatchNorm over all 12): heads and losses equal one process's to 1e-9 in float64."""
+    state = {k: v.double() for k, v in tiny_vit.model.state_dict().items()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_probe_worker, args=(port, state, digit_folders / "train", 36, tmp_path), nprocs=2, join=True)
+    dtype = torch.get_default_dtype()
+    try:
+        heads, losses = _augmented_probe(state, digit_folders / "train", 36)
+    finally:
+        torch.set_default_dtype(dtype)
+    assert heads["heads.0.bn.num_batches_tracked"] == 2 * 3 and heads["heads.0.linear.weight"].dtype == torch.float64
+    for rank in range(2):
+        got, got_losses = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got_losses == pytest.approx(losses, abs=1e-9)
+        for k, v in heads.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-9, msg=k)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bam.training import optimizer_step
+from bam.training import SaveNow, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,51 @@ def grid_optimizer(grid: LinearGrid, batch_size: int) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=0.0)
 
 
-def train_grid(grid: LinearGrid, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-               epochs: int, batch_size: int, on_epoch: Callable[[int, float], None] | None = None) -> None:
-    """Train every head on the same batches; ``batches(epoch)`` yields ``(slots, labels)``. Cosine annealing to 0
-    over ``epochs``, stepped per epoch (as DINO's and the official BAM probe)."""
+def train_grid(grid: LinearGrid, batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+               epochs: int, batch_size: int, on_epoch: Callable[[int, float], None] | None = None,
+               resume: dict | None = None, save: Callable[[dict], None] | None = None) -> None:
+    """Train every head on the same batches; ``batches(epoch, first)`` yields the epoch's ``(slots, labels)`` from
+    its ``first``-th batch on. Cosine annealing to 0 over ``epochs``, stepped per epoch (as DINO's and the official
+    BAM probe).
+
+    ``save(state)``, when given, receives the loop's state after every epoch and, at a preemption signal
+    (:class:`bam.training.SaveNow`), after the step under way; ``resume`` is such a state to go on from (the heads,
+    the optimizer, the schedule and the position in the epoch). Every draw comes from a seed and the epoch, so a
+    resumed run ends with the uninterrupted run's heads.
+    """
     optimizer = grid_optimizer(grid, batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0.0)
-    for epoch in range(epochs):
-        grid.train()  # on_epoch may have evaluated
-        total, count = 0.0, 0
-        for slots, labels in batches(epoch):
-            losses = [F.cross_entropy(logits, labels) for logits in grid(slots)]
-            optimizer_step(torch.stack(losses).sum(), optimizer)  # a diverged head is reported, not fatal
-            finite = [loss.item() for loss in losses if math.isfinite(loss.item())]
-            total, count = total + (sum(finite) / max(len(finite), 1)), count + 1
-        scheduler.step()
-        if on_epoch is not None:
-            on_epoch(epoch, total / max(count, 1))
+    start, first, running = 0, 0, [0.0, 0]  # running: the epoch's summed mean head loss, its batches
+    if resume is not None:
+        grid.load_state_dict(resume["grid"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start, first, running = resume["epoch"], resume["iteration"], list(resume["running"])
+
+    def state(epoch: int, iteration: int) -> dict:
+        return {"grid": grid.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "iteration": iteration, "running": list(running)}
+
+    with SaveNow() if save is not None else nullcontext() as save_now:
+        for epoch in range(start, epochs):
+            grid.train()  # on_epoch may have evaluated
+            if epoch != start or first == 0:
+                first, running = 0, [0.0, 0]
+            for i, (slots, labels) in enumerate(batches(epoch, first), start=first + 1):
+                losses = [F.cross_entropy(logits, labels) for logits in grid(slots)]
+                optimizer_step(torch.stack(losses).sum(), optimizer)  # a diverged head is reported, not fatal
+                finite = [loss.item() for loss in losses if math.isfinite(loss.item())]
+                running = [running[0] + sum(finite) / max(len(finite), 1), running[1] + 1]
+                if save_now is not None and save_now.due():
+                    save(state(epoch, i))
+                    save_now.release()
+            scheduler.step()
+            if on_epoch is not None:
+                on_epoch(epoch, running[0] / max(running[1], 1))
+            if save is not None:
+                save(state(epoch + 1, 0))
+                if save_now.due():  # a signal during the epoch's end: its state is saved
+                    save_now.release()
 
 
 @torch.no_grad()
@@ -120,11 +149,11 @@ def select_head(results: Sequence[dict[str, float]]) -> int:
 
 
 def feature_batches(slots: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, device: torch.device
-                    ) -> Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
-    """Shuffled mini-batches of cached features, a fresh seeded order every epoch."""
-    def batches(epoch: int):
+                    ) -> Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """Shuffled mini-batches of cached features, a fresh seeded order every epoch, from the ``first``-th on."""
+    def batches(epoch: int, first: int = 0):
         order = torch.randperm(slots.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        for start in range(0, len(order), batch_size):
+        for start in range(first * batch_size, len(order), batch_size):
             idx = order[start:start + batch_size]
             if len(idx) < 2 and len(order) > 1:  # a 1-sample batch would break BatchNorm heads
                 break
