@@ -6,9 +6,11 @@ SLURM. Only entry points call :func:`init_distributed`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,3 +145,62 @@ def broadcast_from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def balanced_shards(costs: Sequence[float], world_size: int) -> list[list[int]]:
+    """The indices of ``costs`` each rank takes: the costliest item first onto the least loaded rank (ties go to the
+    lower rank, then the earlier item), each shard in index order. Deterministic: every rank computes the same split.
+    Rank 0 gets the costliest item, so it has work whenever there is any."""
+    loads, shards = [0.0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[rank].append(i)
+        loads[rank] += costs[i]
+    return [sorted(s) for s in shards]
+
+
+class RankFailed(ValueError):
+    """Another rank's failure, raised on a rank whose own part succeeded. A ValueError so that entry points report it
+    in one line: the rank that failed reports its own error in full."""
+
+
+def _gather_failures(failure: str | None) -> list[str | None]:
+    if not is_dist():
+        return [failure]
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return failures
+
+
+def _clean_up_together(cleanup: Callable[[], None] | None) -> None:
+    try:
+        if cleanup is not None:
+            cleanup()
+    finally:  # a cleanup that fails must not leave the other ranks at the barrier
+        if is_dist():
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def fail_together(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Agree on a block's outcome: if it raised on any rank, it raises on every rank (its own exception where it
+    failed, :class:`RankFailed` naming the first rank that failed elsewhere), so no rank waits at a later collective
+    for one that has stopped until the process group times out.
+
+    One collective when the block ends: every rank runs the block, even one with nothing to do in it. After a failure
+    every rank runs ``cleanup`` and waits for the others' before raising, so a launcher that stops the job at its
+    first exited process (torchrun does) cannot cut rank 0's cleanup short. Without a process group: the block, and
+    ``cleanup`` if it raised.
+    """
+    try:
+        yield
+    except Exception as e:
+        _gather_failures(f"{type(e).__name__}: {e}")
+        _clean_up_together(cleanup)
+        raise
+    failures = _gather_failures(None)
+    failed = [r for r, f in enumerate(failures) if f is not None]
+    if failed:
+        _clean_up_together(cleanup)
+        raise RankFailed(f"rank {failed[0]} of {len(failures)} failed ({failures[failed[0]]}); its log has the "
+                         "details")

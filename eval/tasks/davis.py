@@ -10,11 +10,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bam.cli import number
+from bam.distributed import DistInfo, balanced_shards, broadcast_from_rank0, fail_together, get_dist_info
 from bam.samples import davis as davis_sample
 from bam.samples.cache import ensure_generated
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.davis.data import (
+    Sequence,
     load_sequence,
     read_first_annotation,
     sequence_names,
@@ -58,17 +60,80 @@ def builtin_sample(cache_dir: Path) -> Path:
 
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
+    """Under a process group each rank propagates its share of the sequences into the staging folder; rank 0 alone
+    writes the overlays, scores, writes the CSVs and moves everything into place: one process's outputs, byte for
+    byte. Every rank returns rank 0's outcome."""
     names = sequence_names(ctx.data_root, args.set, args.sequences.split(",") if args.sequences else None)
-    annotations = ctx.data_root / "Annotations" / "480p"
+    # every rank checks every input before any work: bad input fails on every rank alike, before any collective
+    sequences = [load_sequence(ctx.data_root, n) for n in names]
+    if args.predictions and not Path(args.predictions).is_dir():
+        raise FileNotFoundError(f"--predictions {args.predictions} is not a folder of <seq>/<frame>.png")
+    first_labels = [read_first_annotation(s.first_annotation)[0] for s in sequences]
+    info = get_dist_info()
+    if info.is_main:
+        for s, labels in zip(sequences, first_labels):
+            warn_about_id_gaps(s.first_annotation, labels)
     # everything is written into a staging folder and moved into --output-dir once scored: a run that fails leaves
     # the earlier run's PNGs, overlays and CSVs as they were
     staging = ctx.output_dir / ".partial-davis"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
-    try:
-        result, scored = _predict_and_score(ctx, args, names, annotations, staging)
+
+    def discard() -> None:
+        if info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    try:  # each step ends with every rank agreeing on its outcome: a rank that fails stops them all, none hangs
+        with fail_together(discard):
+            if info.is_main:  # the staging folder exists, empty, before any rank writes into it
+                discard()  # a killed run's leftovers
+                staging.mkdir(parents=True)
+        with fail_together(discard):
+            if not args.predictions:
+                _propagate_share(ctx, args, sequences, staging, info)
+        with fail_together(discard):
+            outcome = _score_and_publish(ctx, args, sequences, staging) if info.is_main else None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard()  # also after Ctrl-C, on which the ranks do not agree
         raise
+    return broadcast_from_rank0(outcome)
+
+
+def _propagate_share(ctx: TaskContext, args: argparse.Namespace, sequences: list[Sequence], staging: Path,
+                     info: DistInfo) -> None:
+    """Write ``staging/<seq>/<frame>.png`` for this rank's sequences. The sequences are balanced over ranks by frame
+    count, since a sequence costs about its number of frames and DAVIS's range from a few dozen to about a hundred."""
+    shard = balanced_shards([len(s.frames) for s in sequences], info.world_size)
+    mine = [sequences[i] for i in shard[info.rank]]
+    if info.is_main and info.world_size > 1:
+        logger.info("%d sequences (%d frames) over %d processes, balanced by frame count (%s frames)",
+                    len(sequences), sum(len(s.frames) for s in sequences), info.world_size,
+                    " + ".join(str(sum(len(sequences[i].frames) for i in part)) for part in shard))
+    if not mine:  # more processes than sequences
+        return
+    backbone = ctx.load_backbone().to(ctx.device).eval()
+    if info.is_main and not backbone.is_vit:
+        logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
+                       backbone.arch, backbone.feature_stride)
+    with tqdm(total=sum(len(s.frames) for s in mine), desc="davis frames", unit="frame", dynamic_ncols=True,
+              disable=not info.is_main) as bar:
+        for s in mine:
+            bar.set_postfix_str(s.name)
+            propagate_sequence(backbone, s, staging, args, ctx.device, bar)
+
+
+def _score_and_publish(ctx: TaskContext, args: argparse.Namespace, sequences: list[Sequence],
+                       staging: Path) -> dict:
+    """Overlays, scores and CSVs of the predictions (the propagated ones in ``staging``, or --predictions), then
+    everything in ``staging`` moved into --output-dir."""
+    annotations = ctx.data_root / "Annotations" / "480p"
+    pred_dir = Path(args.predictions) if args.predictions else staging
+    if not args.predictions and not args.no_overlays:
+        for s in sequences:
+            mid = s.frames[len(s.frames) // 2]
+            write_overlay(staging / "overlays" / f"{s.name}.png", mid, annotations / s.name / f"{mid.stem}.png",
+                          pred_dir / s.name / f"{mid.stem}.png", read_first_annotation(s.first_annotation)[1])
+    names = [s.name for s in sequences]
+    result = evaluate(annotations, pred_dir, names)
+    write_csvs(result, staging, args.set)
     for entry in [p for p in staging.rglob("*") if p.is_file()]:
         dest = ctx.output_dir / entry.relative_to(staging)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,43 +142,11 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     global_csv, seq_csv = (ctx.output_dir / f"{kind}_results-{args.set}.csv" for kind in ("global", "per-sequence"))
     logger.info("wrote %s and %s", global_csv, seq_csv)
     return {"metrics": result["metrics"], "per_object": result["per_object"],
-            "predictions": str(scored if args.predictions else ctx.output_dir), "sequences": names}
-
-
-def _predict_and_score(ctx: TaskContext, args: argparse.Namespace, names: list[str], annotations: Path,
-                       staging: Path) -> tuple[dict, Path]:
-    """Propagate (or take --predictions) and score into ``staging``; returns the scores and the scored folder."""
-    sequences = [load_sequence(ctx.data_root, n) for n in names]  # check every sequence before any work
-    for s in sequences:
-        warn_about_id_gaps(s.first_annotation, read_first_annotation(s.first_annotation)[0])
-    staging.mkdir(parents=True)
-    if args.predictions:
-        pred_dir = Path(args.predictions)
-        if not pred_dir.is_dir():
-            raise FileNotFoundError(f"--predictions {pred_dir} is not a folder of <seq>/<frame>.png")
-    else:
-        backbone = ctx.load_backbone().to(ctx.device).eval()
-        if not backbone.is_vit:
-            logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
-                           backbone.arch, backbone.feature_stride)
-        pred_dir = staging
-        total = sum(len(s.frames) for s in sequences)
-        with tqdm(total=total, desc="davis frames", unit="frame", dynamic_ncols=True) as bar:
-            for s in sequences:
-                bar.set_postfix_str(s.name)
-                propagate_sequence(backbone, s, pred_dir, args, ctx.device, bar)
-        if not args.no_overlays:
-            for s in sequences:
-                mid = s.frames[len(s.frames) // 2]
-                write_overlay(staging / "overlays" / f"{s.name}.png", mid, annotations / s.name /
-                              f"{mid.stem}.png", pred_dir / s.name / f"{mid.stem}.png",
-                              read_first_annotation(s.first_annotation)[1])
-    result = evaluate(annotations, pred_dir, names)
-    write_csvs(result, staging, args.set)
-    return result, pred_dir
+            "predictions": str(pred_dir if args.predictions else ctx.output_dir), "sequences": names}
 
 
 SPEC = TaskSpec(name="davis", help=HELP, headline="J&F-Mean", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
                 headline_scale=100.0,  # J&F as the official CSVs write it: a fraction
-                suite_dataset="davis")
+                suite_dataset="davis",
+                distributed=True)  # torchrun / srun: every rank propagates its share of the sequences

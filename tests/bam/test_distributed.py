@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -93,3 +94,25 @@ def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a single-task SLURM job needs no process group either
     assert init_distributed() == DistInfo()
+
+
+def test_balanced_shards_put_the_costliest_item_first_on_the_least_loaded_rank():
+    from bam.distributed import balanced_shards
+
+    # 26 -> rank 0; 24 -> rank 1; 24 -> rank 1 (24 < 26); 22 -> rank 0 (48 = 48: the lower rank); 20 -> rank 0
+    assert balanced_shards([26, 24, 24, 22, 20], 2) == [[0, 3, 4], [1, 2]]
+    assert balanced_shards([6, 6], 2) == [[0], [1]] and balanced_shards([5], 3) == [[0], [], []]
+    assert balanced_shards([3, 1, 2], 1) == [[0, 1, 2]] and balanced_shards([], 2) == [[], []]
+
+
+def test_fail_together_without_a_process_group_is_the_block_and_its_cleanup():
+    from bam.distributed import fail_together
+
+    cleaned = []
+    with fail_together(lambda: cleaned.append(True)):
+        pass
+    assert cleaned == []
+    with pytest.raises(KeyError, match="boom"):
+        with fail_together(lambda: cleaned.append(True)):
+            raise KeyError("boom")
+    assert cleaned == [True]

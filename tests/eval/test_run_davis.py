@@ -1,5 +1,9 @@
 """The front door on a tiny DAVIS-layout folder: results.json, official CSVs, --predictions, bad input."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +185,63 @@ def test_absent_object_ids_are_warned_about(davis_root, tmp_path, caplog):
     assert main(["--task", "davis", "--data", str(davis_root), "--output-dir", str(tmp_path / "o"), "--sequences",
                  "beta", *FAST]) == 0
     assert "object ids [2] are absent from the first frame (ids [1, 3] present)" in caplog.text
+
+
+def test_davis_under_torchrun_shares_the_sequences_and_equals_one_process(tmp_path, tiny_checkpoint):
+    """2 gloo processes each propagate their share of the built-in sample's sequences (balanced by frame count);
+    rank 0 writes the overlays, scores and writes the CSVs: every PNG and CSV byte and every metric is one
+    process's."""
+    from .test_run_coco import _torchrun
+
+    def argv(name):
+        return ["--task", "davis", "--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path / name),
+                "--cache-dir", str(tmp_path / "cache"), "--short-side", "64", "--long-multiple", "32",
+                "--sequences", "horse-grass,coins-gravel,cat-coffee"]  # 26, 24, 20 frames: 26 + 44
+
+    assert main(argv("one")) == 0
+    done = _torchrun(argv("two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("joined process group") == 2 and done.stdout.count("davis -- ") == 1  # rank 0 talks
+    assert "3 sequences (70 frames) over 2 processes, balanced by frame count (26 + 44 frames)" in done.stderr
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["metrics"] == one["metrics"] and two["per_object"] == one["per_object"]
+    outputs = {n: {k: v for k, v in _files(tmp_path / n).items() if k != "results.json"} for n in ("one", "two")}
+    assert outputs["two"] == outputs["one"]
+    assert {"horse-grass/00025.png", "cat-coffee/00019.png", "overlays/coins-gravel.png", "global_results-val.csv",
+            "per-sequence_results-val.csv"} <= set(outputs["one"])
+
+
+def _two_ranks(argv, timeout):
+    """Rank 0 and rank 1 of ``eval/run.py`` as srun starts them: independent processes that share a process group's
+    environment, none stopped when another exits (torchrun stops them all). [(returncode, stderr)] per rank."""
+    from .test_run_coco import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(REPO / "eval" / "run.py"), *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errors)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_a_rank_that_fails_stops_every_rank_and_leaves_the_earlier_outputs(davis_root, tiny_checkpoint, tmp_path):
+    """beta, the sequence rank 1 propagates, has an unreadable frame: rank 1 fails, and rank 0 (which propagated
+    alpha) stops at once with rank 1's error, not at its next collective (gloo: a lost-peer error; NCCL: a wait for
+    the process group's 30-minute timeout); the staging folder is gone and the earlier outputs are untouched."""
+    out = tmp_path / "out"
+    argv = ["--task", "davis", "--data", str(davis_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+            str(out), *FAST]
+    assert main(argv) == 0
+    earlier = _files(out)
+    (davis_root / "JPEGImages/480p/beta/00003.jpg").write_text("not a JPEG")
+    (code0, err0), (code1, err1) = _two_ranks([*argv, "--topk", "3"], timeout=120)
+    assert code1 != 0 and "beta/00003.jpg: cannot read this frame" in err1
+    assert code0 != 0 and "rank 1 of 2 failed (DavisInputError: " in err0 and "cannot read this frame" in err0
+    assert _files(out) == earlier and not (out / ".partial-davis").exists()
