@@ -41,19 +41,26 @@ def get_dist_info() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launched_as() -> DistInfo:
+    """The rank, world size and local rank torchrun's (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or srun's
+    (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``) environment gives this process, before any process group
+    is joined; one process without either."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo()
+
+
 def init_distributed(device: torch.device | str | None = None, timeout_min: int = 30) -> DistInfo:
     """Join the process group described by torchrun's or SLURM's environment; a no-op without one.
 
     NCCL on CUDA, gloo on CPU. Reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or
     ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (srun); ``MASTER_ADDR``/``MASTER_PORT`` must be set.
     """
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    else:
-        return DistInfo()
+    launched = launched_as()
+    rank, world, local = launched.rank, launched.world_size, launched.local_rank
     if world == 1 or is_dist():
         return get_dist_info() if is_dist() else DistInfo()
     device = torch.device(device) if device is not None else torch.device("cpu")

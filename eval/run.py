@@ -17,6 +17,7 @@ data, resolved config, versions, seconds) and prints a short table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -29,7 +30,7 @@ import torch  # noqa: E402
 from bam.backbones import ARCHS, Backbone, build_backbone  # noqa: E402
 from bam.checkpoint import UnsafeCheckpointError  # noqa: E402
 from bam.cli import FlagParser, HelpFormatter, document_defaults, resolve_device, setup_logging  # noqa: E402
-from bam.distributed import get_dist_info, init_distributed, is_dist  # noqa: E402
+from bam.distributed import fail_together, get_dist_info, init_distributed, is_dist, launched_as  # noqa: E402
 from bam.formats import CONVERTERS, load_backbone  # noqa: E402
 from bam.results import run_lock, sha256, versions, write_results  # noqa: E402
 from bam.samples.cache import default_cache_dir  # noqa: E402
@@ -181,14 +182,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     spec = task_spec(args.task)
     device = resolve_device(args.device)
+    if launched_as().world_size > 1 and not spec.distributed:  # refused before any rank waits for another
+        raise ValueError(f"--task {args.task} runs in one process; start it without torchrun / srun "
+                         f"(tasks that run on several processes: "
+                         f"{', '.join(n for n in TASKS if task_spec(n).distributed)})")
     dist_info = init_distributed(device)  # under torchrun or srun: one rank per process
-    if dist_info.world_size > 1:
-        if not spec.distributed:
-            raise ValueError(f"--task {args.task} runs in one process; start it without torchrun / srun "
-                             f"(tasks that run on several processes: "
-                             f"{', '.join(n for n in TASKS if task_spec(n).distributed)})")
-        if device.type == "cuda":
-            device = torch.device("cuda", dist_info.local_rank)
+    if dist_info.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     output_dir = Path(args.output_dir or Path("outputs") / args.task)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.checkpoint and Path(args.checkpoint).is_dir():
@@ -211,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     if dist_info.rank == 0:  # the one writer: the other ranks never create the folder a failed run must not leave
         output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with run_lock(output_dir, dist_info.rank == 0):
+        with contextlib.ExitStack() as stack:
+            with fail_together():  # a folder in use stops every rank, not rank 0 alone
+                stack.enter_context(run_lock(output_dir, dist_info.rank == 0))
             return _run_task(args, spec, device, dist_info, output_dir, cache, data_root, is_sample, start)
     except BaseException:
         if created and dist_info.rank == 0:

@@ -147,8 +147,17 @@ def test_coco_under_torchrun_trains_with_ddp_and_shards_evaluation(coco_root, tm
     assert not any(k.startswith("module.") for k in state["model"])  # the plain model's names, as one process
 
 
-def test_single_process_tasks_refuse_torchrun(digit_folders, tmp_path):
-    done = _torchrun(["--task", "davis", "--output-dir", str(tmp_path / "o")], timeout=120)
-    assert done.returncode != 0
-    assert "--task davis runs in one process; start it without torchrun" in done.stderr
-    assert not (tmp_path / "o").exists()
+def test_a_single_process_task_refuses_torchrun_before_joining_a_group(tmp_path, monkeypatch, caplog):
+    """A task whose spec says it runs in one process (none of ours today) is refused under torchrun's environment
+    with one line, before any process group is joined (no rank waits) and before anything is written."""
+    import dataclasses
+
+    import eval.run as front_door
+    from eval.tasks import task_spec as real_spec
+
+    monkeypatch.setattr(front_door, "task_spec", lambda name: dataclasses.replace(real_spec(name), distributed=False))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--task", "knn", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--task knn runs in one process; start it without torchrun" in caplog.text
+    assert not (tmp_path / "o").exists() and not torch.distributed.is_initialized()

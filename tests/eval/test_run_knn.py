@@ -100,3 +100,24 @@ def test_cached_linear_and_logreg_under_torchrun_equal_one_process(task, extra, 
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == 2 and two["metrics"] == one["metrics"]
+
+
+def test_a_folder_in_use_stops_every_rank_at_once(tmp_path, tiny_checkpoint):
+    """Rank 0 finds --output-dir locked by another run: both ranks stop in one line, none waits for the others."""
+    import fcntl
+
+    from .test_run_coco import _torchrun
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".bam.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on elsewhere")
+        held.flush()
+        done = _torchrun(["--task", "knn", "--checkpoint", str(tiny_checkpoint), "--output-dir", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--image-size", "32", "--num-workers", "0"],
+                         timeout=120)
+    assert done.returncode != 0
+    assert "is in use by a running job (pid 1 on elsewhere)" in done.stderr
+    assert "rank 0 of 2 failed (ValueError: --output-dir" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".bam.lock"]
