@@ -83,6 +83,48 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_place_to_the_uninterrupted_weigh
         assert torch.equal(v, resumed["model"][k]), k
 
 
+def test_a_signal_between_checkpoints_saves_at_once_and_the_rerun_ends_with_the_same_weights(
+        coco_root, tmp_path, tiny_checkpoint, monkeypatch):
+    """Checkpoints every 2 iterations; SIGUSR1 during iteration 5 saves after it (iteration 5, mid-epoch) and passes
+    the signal on; the same command resumes there and ends bit-equal to the run that was never signalled."""
+    import os
+    import signal
+
+    from bam import training
+
+    def argv(out):
+        return ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+                str(out), *FAST, "--iters", "6", "--steps", "5", "--eval-batch-size", "3"]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    step, calls = training.optimizer_step, []
+
+    def signalled_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(*args, **kwargs)
+
+    def preempted(signum, frame):
+        raise _Killed
+
+    previous = signal.signal(signal.SIGUSR1, preempted)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(training, "optimizer_step", signalled_step)
+            with pytest.raises(_Killed):
+                main(argv(tmp_path / "signalled"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert torch.load(tmp_path / "signalled" / "checkpoint.pth", weights_only=True)["iter"] == 5
+    assert main(argv(tmp_path / "signalled")) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "signalled" / "checkpoint.pth", weights_only=True)
+    assert whole["iter"] == resumed["iter"] == 6
+    for k, v in whole["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
 def test_export_only_writes_detectron2_weights(coco_root, tmp_path, tiny_checkpoint):
     out = tmp_path / "exp"
     assert main(["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",

@@ -2,6 +2,7 @@
 detectron2's WarmupMultiStepLR schedule, DDP over ranks, COCOeval sharded over ranks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from bam import training
 from bam.checkpoint import latest_path, load_file, remove_stale_temporaries, save_atomic
-from bam.distributed import get_dist_info
+from bam.distributed import barrier, get_dist_info, sum_over_ranks
 from transfer.classification.finetune import layer_decay_groups, set_group_lrs
 from transfer.coco.data import CocoInstances, coco_metrics, collate, to_coco_results
 
@@ -79,10 +80,12 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
     log_path = output_dir / "log.jsonl" if info.rank == 0 else Path(os.devnull)
     per_rank = args.batch_size // info.world_size
     per_epoch = len(sampler) // per_rank  # iterations in one pass over the images (drop_last)
-    with open(log_path, "a" if start else "w") as log:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(log_path, "a" if start else "w"))
         it, epoch = start, start // per_epoch  # a resumed run goes on at its place in its epoch
         bar = tqdm(total=args.iters, initial=start, desc="coco train", dynamic_ncols=True, disable=info.rank > 0)
         model.train()
+        save_now = stack.enter_context(training.SaveNow())
         while it < args.iters:
             sampler.set_epoch(epoch)
             skip = (it - epoch * per_epoch) * per_rank
@@ -102,7 +105,8 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
                     losses = net(images, targets)
                 loss = sum(losses.values())
                 saved = start or it >= args.checkpoint_period  # rank 0 wrote one at each period
-                value = training.finite_loss(loss, f"iteration {it}", ckpt_path if saved else "none yet", "lower --lr")
+                mean = sum_over_ranks(loss.detach()) / info.world_size  # a NaN on any rank stops every rank
+                value = training.finite_loss(mean, f"iteration {it}", ckpt_path if saved else "none yet", "lower --lr")
                 training.optimizer_step(loss, optimizer, scaler, args.clip_grad, model.parameters())
                 it += 1
                 bar.update()
@@ -111,8 +115,13 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
                                           "lr": optimizer.param_groups[-1]["lr"]}) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{value:.3f}")
-                if (it % args.checkpoint_period == 0 or it == args.iters) and info.rank == 0:
+                signalled = save_now.due()  # a preemption signal: the checkpoint now, then the signal passed on
+                if (it % args.checkpoint_period == 0 or it == args.iters or signalled) and info.rank == 0:
                     state = training.training_state(model, optimizer, scaler, iter=it, run_id=run_id)
                     save_atomic(state, ckpt_path)
+                if signalled:
+                    barrier()
+                    logger.info("saved %s at iteration %d (signal)", ckpt_path, it)
+                    save_now.release()
             epoch += 1
         bar.close()
