@@ -24,6 +24,7 @@ import yaml
 
 from bam.checkpoint import latest_path
 from bam.cli import check_keys
+from eval import budget
 from eval.tasks import TASKS, task_spec
 from slurm.launch import ENTRIES, Sweep, entry_main, parse_sweep, profile_overrides, submit, wait_for
 from slurm.profiles import Profile, load_profile
@@ -36,6 +37,7 @@ STEP_KEYS = {"task", "entry", "args", "checkpoint", "profile", "resources", "swe
 SUITE_KEYS = {"description", "datasets", "datasets_required", "steps", "table", "report"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 EVERY_TASK = "every-task"  # steps: every-task, one step per registered task
+DEFAULT_ARCH = "vit_small_patch16_224"  # the front door's, when neither a flag nor a checkpoint names one
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Step:
     needs: list[str]                # steps whose checkpoint this one reads
     sweep: Sweep | None = None
     input_checkpoint: Path | None = None
+    source: str | None = None       # the step whose checkpoint this one reads
 
     def command(self) -> str:
         sweep = [f"--sweep {flag}={','.join(values)}" for flag, values in self.sweep or []]
@@ -188,7 +191,8 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
             raise ValueError(f"{where}: {e}") from None
         sweep = parse_sweep([f"{flag}={','.join(_fill(str(v), values, where, True) for v in vals)}"
                              for flag, vals in s["sweep"].items()]) if s.get("sweep") else None
-        steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt)
+        steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt,
+                           ref if ref in spec["steps"] else None)
     return list(steps.values())
 
 
@@ -226,6 +230,47 @@ def format_plan(spec: dict, steps: list[Step], launcher: str, output_dir: Path) 
     if renders:
         lines.append(f"  then: {' and '.join(renders)} in {output_dir} (after every step, whatever its outcome)")
     return "\n".join(lines)
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+def estimates(steps: list[Step]) -> list[budget.Estimate]:
+    """Every step's (and every job of a sweep's) estimates; the arch an evaluation reads is its ``--arch``, the
+    arch its pretraining step trains, or the one in its checkpoint file."""
+    archs: dict[str, str] = {}
+    out = []
+    for s in steps:
+        world = s.profile.world_size
+        try:
+            if s.entry == "pretrain":
+                w = budget.pretrain_workload(s.argv, world)
+                archs[s.name] = w.arch
+                out.append(budget.estimate(s.name, w, s.profile))
+                continue
+            spec = task_spec(_flag(s.argv, "--task"))
+            if spec.workload is None:
+                raise ValueError(f"--task {spec.name} declares no workload (TaskSpec.workload)")
+            arch = _flag(s.argv, "--arch") or archs.get(s.source) or _checkpoint_arch(s.input_checkpoint)
+            runs = [(s.name, s.argv)] if not s.sweep else [
+                (f"{s.name}/{','.join(f'{f}={v[i]}' for f, v in s.sweep)}",
+                 [*s.argv, *(x for f, v in s.sweep for x in (f"--{f.replace('_', '-')}", v[i]))])
+                for i in range(len(s.sweep[0][1]))]
+            for label, argv in runs:
+                out.append(budget.estimate(label, spec.workload(budget.step_args(spec.add_arguments, argv), arch,
+                                                                world), s.profile))
+        except ValueError as e:
+            raise ValueError(f"step {s.name}: {e}") from None
+    return out
+
+
+def _checkpoint_arch(path: Path | None) -> str:
+    if path is None or not path.is_file():
+        return DEFAULT_ARCH
+    from bam.formats import load_backbone
+
+    return load_backbone(path).arch
 
 
 def run_steps(steps: list[Step], launcher: str) -> dict[str, str]:
@@ -282,9 +327,16 @@ def run_suite(args: argparse.Namespace) -> int:
     overrides = profile_overrides(args)
     steps = plan(spec, output_dir, parse_datasets(args.dataset), args.checkpoint,
                  [n for n in (args.only or "").split(",") if n] or None, args.profile_file, overrides, args.profile)
-    if args.dry_run:
-        print(format_plan(spec, steps, args.launcher, output_dir))
-        return 0
+    if args.dry_run or args.launcher == "slurm":  # the plan is checked before anything is submitted
+        checked = estimates(steps)
+        if args.dry_run:
+            print(format_plan(spec, steps, args.launcher, output_dir))
+            print(budget.format_estimates(checked))
+        problem = budget.first_problem(checked)
+        if problem:
+            raise ValueError(f"suite {spec['name']}: {problem}")
+        if args.dry_run:
+            return 0
     missing = unset_datasets(steps)
     if missing:
         raise ValueError(f"suite {spec['name']} needs --dataset {missing[0]}=DIR (datasets to give: "

@@ -29,6 +29,12 @@ class Profile:
     signal_delay_s: int = 120
     max_num_timeout: int = 3
     sbatch: dict = field(default_factory=dict)
+    # what the plan check (eval/budget.py) assumes of the hardware: memory per GPU, achieved (not peak) TFLOP/s per
+    # GPU with bf16/fp16 autocast and in fp32 (TF32 matmuls), and images decoded + augmented per CPU core per second
+    gpu_mem_gb: float = 80.0
+    tflops_per_gpu: float = 100.0
+    fp32_tflops_per_gpu: float = 40.0
+    images_per_cpu_s: float = 100.0
 
     @property
     def world_size(self) -> int:

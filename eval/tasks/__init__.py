@@ -42,6 +42,8 @@ class TaskSpec:
     suite_dataset: str = "imagenet"                             # the suites' data set its --data reads
     suite_profile: str = "gpu-1"                                # its cluster profile in `--suite all`
     suite_args: Mapping[str, Any] = field(default_factory=dict)  # its extra flags in `--suite all`
+    # (its flags, the backbone's arch, processes) -> eval.budget.Workload: what a run at paper scale asks of the GPUs
+    workload: Callable[[argparse.Namespace, str, int], Any] | None = None
 
     def headline_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float] | None:
         """(name, percent) of the headline in ``metrics``: the exact key, else the first key it prefixes

@@ -18,6 +18,7 @@ from bam.backbones import Backbone
 from bam.cli import number, parse_list, resolve_defaults
 from bam.samples import ade as ade_sample
 from bam.samples.cache import ensure_generated
+from eval.budget import ADE20K_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.ade20k import CONFIG_DIR
@@ -192,6 +193,26 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             "mmseg_log_dir": runner.log_dir, "backbone_family": "vit" if backbone.is_vit else "resnet"}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    """The preset's config (mmengine reads it), with the flags on top: UperNet's batch, iterations and crops."""
+    try:
+        from mmengine.config import Config
+    except ImportError:
+        raise ValueError(f"the plan check reads the ADE20K config with mmengine: {SEG_EXTRA}") from None
+    family = "vit" if "vit" in arch else "resnet"
+    cfg = Config.fromfile(str(Path(args.seg_config) if args.seg_config else
+                              CONFIG_DIR / PRESETS[args.preset or SPEC.defaults["preset"]][family]))
+    batch = args.batch_size or cfg.train_dataloader.batch_size
+    iters, crop = args.iters or cfg.train_cfg.max_iters, args.crop_size or cfg.crop_size[0]
+    if batch % world:
+        raise ValueError(f"--batch-size {batch} is not a multiple of the {world} processes")
+    amp = "fp16" if cfg.optim_wrapper.get("type") == "AmpOptimWrapper" else "none"
+    return Workload(arch, ((1, crop, crop),), batch // world, 1, batch, images=iters * batch, eval_images=ADE20K_VAL,
+                    trains=True, optimizer=cfg.optim_wrapper.optimizer.type.lower(), precision=amp, resumable=True,
+                    memory_fixes=("more GPUs",), note="the backbone only: UperNet's neck and heads add memory and "
+                    "FLOPs not counted here")
+
+
 SPEC = TaskSpec(name="ade20k", help=HELP, headline="mIoU", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run,
+                builtin_sample=builtin_sample, run=run, workload=workload,
                 defaults={"preset": "160k"}, sample={"preset": "cpu_sample"}, suite_dataset="ade20k")

@@ -18,6 +18,7 @@ from bam.cli import number, resolve_defaults
 from bam.samples import coco as coco_sample
 from bam.samples.cache import ensure_generated
 from bam.training import amp_dtype
+from eval.budget import COCO_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.classification.finetune import with_drop_path
@@ -143,7 +144,18 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             "categories": [c["name"] for c in train_coco.loadCats(train_set.cat_ids)], "detections": n_dets}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes")
+    size = ((1, args.min_size, args.max_size),)  # the longest images: the short side resized to min, long to max
+    return Workload(arch, size, args.batch_size // world, 1, args.batch_size, images=args.iters * args.batch_size,
+                    eval_images=COCO_VAL, trains=True, optimizer=args.optimizer, precision=args.amp, resumable=True,
+                    memory_fixes=("more GPUs",) + (("--amp bf16",) if args.amp == "none" else ()),
+                    note="the backbone only: the FPN, RPN and RoI heads add memory and FLOPs not counted here")
+
+
 SPEC = TaskSpec(name="coco", help=HELP, headline="bbox/AP", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run,
+                builtin_sample=builtin_sample, run=run, workload=workload,
                 distributed=True,  # torchrun / srun: DDP training, evaluation sharded over ranks
                 defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE, suite_dataset="coco", suite_profile="gpu-1x8")

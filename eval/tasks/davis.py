@@ -13,6 +13,7 @@ from bam.cli import number
 from bam.distributed import DistInfo, balanced_shards, broadcast_from_rank0, fail_together, get_dist_info
 from bam.samples import davis as davis_sample
 from bam.samples.cache import ensure_generated
+from eval.budget import DAVIS_VAL_FRAMES, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.davis.data import (
@@ -145,8 +146,15 @@ def _score_and_publish(ctx: TaskContext, args: argparse.Namespace, sequences: li
             "predictions": str(pred_dir if args.predictions else ctx.output_dir), "sequences": names}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    long = 854 * args.short_side // 480 // args.long_multiple * args.long_multiple  # DAVIS 480p frames: 854 x 480
+    return Workload(arch, ((1, args.short_side, long),), args.frames_per_batch, 1, args.frames_per_batch * world,
+                    images=DAVIS_VAL_FRAMES, memory_fixes=("a smaller --frames-per-batch",),
+                    note="frozen: every frame once (not resumed); the propagation's affinities are not counted")
+
+
 SPEC = TaskSpec(name="davis", help=HELP, headline="J&F-Mean", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run,
+                builtin_sample=builtin_sample, run=run, workload=workload,
                 headline_scale=100.0,  # J&F as the official CSVs write it: a fraction
                 suite_dataset="davis",
                 distributed=True)  # torchrun / srun: every rank propagates its share of the sequences

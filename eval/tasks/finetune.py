@@ -15,6 +15,7 @@ import torch
 from bam.cli import number, resolve_defaults
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
+from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.classification.finetune import finetune, train_dataset
@@ -95,7 +96,20 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             "num_train": len(train_set), "num_val": len(val_set), "classes": train_eval.classes}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int, train_images: int = IMAGENET_TRAIN) -> Workload:
+    resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset))
+    if args.batch_size % (world * args.accum_iter):
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {world} processes x --accum-iter "
+                         f"{args.accum_iter}")
+    fixes = ("more GPUs", "--accum-iter N (each forward takes batch / (GPUs x N) images)") + \
+        (("--amp bf16",) if args.amp == "none" else ())
+    return Workload(arch, ((1, args.image_size, args.image_size),), args.batch_size // (world * args.accum_iter),
+                    args.accum_iter, args.batch_size, images=args.epochs * train_images,
+                    eval_images=args.epochs * IMAGENET_VAL, trains=True, optimizer="adamw", precision=args.amp,
+                    resumable=True, memory_fixes=fixes)
+
+
 SPEC = TaskSpec(name="finetune", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE,
+                defaults=DEFAULTS, presets=PRESETS, sample=SAMPLE, workload=workload,
                 distributed=True)  # DDP: --batch-size is the global batch, split over ranks x --accum-iter

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from bam.cli import number, number_list
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
+from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.classification.knn import BACKENDS, knn_classify
@@ -59,6 +60,12 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             "per_class_k": shown, "per_class_top1": per_class[shown]}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    return Workload(arch, ((1, args.image_size, args.image_size),), args.batch_size, 1, args.batch_size * world,
+                    images=IMAGENET_TRAIN + IMAGENET_VAL, note="frozen: one pass over train/ and val/ (not resumed); "
+                    "the votes are not counted")
+
+
 SPEC = TaskSpec(name="knn", help=HELP, headline="top1_k20", add_arguments=add_arguments,
-                builtin_sample=builtin_sample, run=run, suite_args={"cache_features": True},
+                builtin_sample=builtin_sample, run=run, suite_args={"cache_features": True}, workload=workload,
                 distributed=True)  # torchrun / srun: features extracted by every rank for its share of the images

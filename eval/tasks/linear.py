@@ -32,6 +32,7 @@ from bam.distributed import all_gather_rows, barrier, get_dist_info
 from bam.images import MEAN, STD, labelled_folder, labelled_splits
 from bam.samples.photos import photos_sample
 from bam.training import GlobalBatches, SeededSamples, derived_seed
+from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.classification.linear import HeadSpec, LinearGrid, evaluate_grid, feature_batches, select_head, train_grid
@@ -262,7 +263,21 @@ def _best_epoch_outcome(history: list[list[dict[str, float]]], specs: list[HeadS
                   "classes": train_set.classes}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset))
+    size = ((1, args.image_size, args.image_size),)
+    if args.augment:  # every epoch's views through the frozen backbone; the heads' steps are not counted
+        if args.batch_size % world:
+            raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes")
+        return Workload(arch, size, args.batch_size // world, 1, args.batch_size, images=args.epochs * IMAGENET_TRAIN,
+                        eval_images=IMAGENET_VAL, resumable=True, memory_fixes=("more GPUs",),
+                        note="augmented views through the frozen backbone every epoch; the heads are not counted")
+    return Workload(arch, size, args.extract_batch_size, 1, args.batch_size, images=IMAGENET_TRAIN + IMAGENET_VAL,
+                    memory_fixes=("a smaller --extract-batch-size",),
+                    note="one pass extracts the features (not resumed); the heads then train on them in minutes")
+
+
 SPEC = TaskSpec(name="linear", help=HELP, headline="top1", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True},
+                defaults=DEFAULTS, presets=PRESETS, suite_args={"cache_features": True}, workload=workload,
                 distributed=True)  # extraction (or the augmented views' forward) sharded over ranks

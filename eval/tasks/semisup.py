@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 from bam.cli import number, number_list, parse_list, resolve_defaults
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
+from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from eval.tasks import finetune as finetune_task
@@ -151,7 +152,18 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
             "classes": train_set.classes}
 
 
+def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
+    resolve_defaults(args, DEFAULTS)
+    labelled = round(sum(parse_list(args.fractions, float, "--fractions")) * IMAGENET_TRAIN)  # one subset after another
+    if args.protocol == "finetune":
+        return finetune_task.workload(args, arch, world, labelled)
+    size = args.image_size or 224
+    return Workload(arch, ((1, size, size),), args.extract_batch_size, 1, args.extract_batch_size * world,
+                    images=labelled + IMAGENET_VAL, memory_fixes=("a smaller --extract-batch-size",),
+                    note="frozen: the labelled images and val/ once; the logistic regression (CPU) is not counted")
+
+
 SPEC = TaskSpec(name="semisup", help=HELP, headline="top1_", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run,
-                defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True},
+                defaults=DEFAULTS, sample=SAMPLE_FINETUNE, suite_args={"cache_features": True}, workload=workload,
                 distributed=True)  # logreg: extraction sharded over ranks; finetune: DDP on the global batch

@@ -28,7 +28,9 @@ def test_the_paper_plan_pretrains_then_evaluates_each_checkpoint(tmp_path):
     assert pre.needs == [] and pre.profile.world_size == 16 and pre.argv[-2:] == ["--data", "/data/in1k/train"]
     assert steps["linear_vit_base"].argv[4:6] == ["--preset", "bam_vitb"]
     assert steps["coco_vit_base"].profile.tasks_per_node == 8
-    assert steps["finetune_vit_base"].profile.max_num_timeout == 20  # the step's resources over its profile
+    for name in ("finetune_vit_base", "finetune_vit_small", "ade20k_vit_base", "linear_vit_base"):  # a full node
+        assert (steps[name].profile.nodes, steps[name].profile.gpus_per_node, steps[name].profile.world_size) == \
+            (1, 8, 8), name
     assert steps["semisup_vit_base"].sweep == [("fractions", ["0.01", "0.1"]),
                                                ("split_file", ["/data/in1k/1percent.txt", "/data/in1k/10percent.txt"])]
     overridden = plan(load_suite("paper"), tmp_path, data, overrides={"partition": "a100", "account": "lab"})

@@ -45,6 +45,18 @@ def _task_actions(spec: TaskSpec) -> list[argparse.Action]:
     return group._group_actions
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_states_its_workload_at_its_defaults(name):
+    """The plan check's input (eval/budget.py): the task's default recipe as a workload on 8 processes."""
+    from eval.budget import Workload, step_args
+
+    spec = task_spec(name)
+    w = spec.workload(step_args(spec.add_arguments, []), "vit_base_patch16_224", 8)
+    assert isinstance(w, Workload) and w.arch == "vit_base_patch16_224" and w.images > 0
+    assert w.micro_batch >= 1 and w.global_batch >= w.micro_batch and w.inputs
+    assert not w.trains or (w.optimizer in ("adamw", "sgd") and w.resumable)  # a trained model resumes
+
+
 def test_every_task_has_a_tiny_run_here():
     assert sorted(TINY) == sorted(TASKS)
 
@@ -53,7 +65,8 @@ def test_every_task_has_a_tiny_run_here():
 def test_spec_is_complete_and_its_tables_name_its_flags(name):
     spec = task_spec(name)
     assert spec.name == name and spec.help and "\n" not in spec.help and spec.headline
-    assert all(callable(f) for f in (spec.add_arguments, spec.builtin_sample, spec.run))
+    assert all(callable(f) for f in (spec.add_arguments, spec.builtin_sample, spec.run, spec.workload))
+    assert spec.distributed  # every task runs under torchrun / multi-task SLURM jobs
     assert spec.headline_scale > 0 and spec.suite_dataset and spec.suite_profile
     dests = {a.dest for a in _task_actions(spec)}
     for table, keys in (("defaults", set(spec.defaults)), ("sample", set(spec.sample)),
