@@ -34,7 +34,7 @@ def epoch_path(output_dir: str | os.PathLike, epoch: int) -> Path:
     return Path(output_dir) / f"checkpoint{epoch:04d}.pth"
 
 
-def save_atomic(obj: Any, path: str | os.PathLike, write: Callable[[Any, BinaryIO], Any] = torch.save) -> Path:
+def save_atomic(obj: Any, path: str | os.PathLike, write: Callable[[Any, BinaryIO], Any] | None = None) -> Path:
     """``torch.save`` (or ``write(obj, file)``: bytes someone else serialised) to a temporary file in the same
     folder, fsync, then ``os.replace``.
 
@@ -46,7 +46,7 @@ def save_atomic(obj: Any, path: str | os.PathLike, write: Callable[[Any, BinaryI
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: colleagues read checkpoints as the umask says
         with os.fdopen(fd, "wb") as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)  # torch.save looked up now, not when this module was imported
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
