@@ -11,8 +11,9 @@ import logging
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -33,8 +34,9 @@ def epoch_path(output_dir: str | os.PathLike, epoch: int) -> Path:
     return Path(output_dir) / f"checkpoint{epoch:04d}.pth"
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+def save_atomic(obj: Any, path: str | os.PathLike, write: Callable[[Any, BinaryIO], Any] | None = None) -> Path:
+    """``torch.save`` (or ``write(obj, file)``: bytes someone else serialised) to a temporary file in the same
+    folder, fsync, then ``os.replace``.
 
     A crash or kill at any moment leaves either the previous file or the new one, never a truncated file.
     """
@@ -44,7 +46,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: colleagues read checkpoints as the umask says
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)  # torch.save looked up now, not when this module was imported
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,6 +3,8 @@
 The evaluated backbone's weights are converted to mmseg's ``VisionTransformer`` (4 blocks, one per quarter, through
 mmseg's MultiLevelNeck to strides 4/8/16/32) or ``ResNet`` (its 4 stages), then mmengine's Runner trains and
 validates the recipe kept in ``transfer/configs/ade20k`` and mmseg's IoUMetric scores it (percent, 0-100).
+Under ``torchrun`` / a multi-task SLURM job every rank trains its share of the global ``--batch-size``
+(``transfer/ade20k/train.py``); a rerun of the same command resumes its checkpoint (``transfer/ade20k/resume.py``).
 mmseg, mmengine and mmcv-lite are the ``seg`` extra: ``pip install -e ".[seg]"``.
 """
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 from bam.backbones import Backbone
 from bam.cli import number, parse_list, resolve_defaults
+from bam.distributed import get_dist_info
 from bam.samples import ade as ade_sample
 from bam.samples.cache import ensure_generated
+from bam.training import seed_everything
 from eval.budget import ADE20K_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
@@ -43,7 +47,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--iters", type=number(int, ge=1), default=None,
                        help="training iterations (default: the config's, 160000)")
     group.add_argument("--batch-size", type=number(int, ge=1), default=None,
-                       help="images per iteration (default: the config's, 16)")
+                       help="images per iteration, over all processes: N processes take --batch-size / N each "
+                            "(default: the config's, 16)")
     group.add_argument("--lr", type=number(float, gt=0), default=None,
                        help="peak learning rate (default: the config's, 6e-5 for "
                        "ViTs with AdamW, 0.01 for ResNets with SGD)")
@@ -126,11 +131,14 @@ def _colour(i: int) -> list[int]:
     return [(37 * i + 64) % 256, (91 * i + 128) % 256, (53 * i + 32) % 256]
 
 
-def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone, mmseg_models: ModuleType
-                 ) -> tuple[Any, Path, dict[str, int]]:
+def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone, mmseg_models: ModuleType,
+                 world_size: int = 1) -> tuple[Any, Path, dict[str, int]]:
     """The recipe for ``backbone`` with the run's data, classes and flags (unset flags take the recipe's values and
-    are written back into ``args``): ``(config, the recipe file it came from, images per split)``."""
+    are written back into ``args``): ``(config, the recipe file it came from, images per split)``. Its
+    ``train_dataloader.batch_size`` is the global batch, which ``world_size`` processes must divide evenly."""
     from mmengine.config import Config
+
+    from transfer.ade20k.train import per_process_batch
 
     family = "vit" if backbone.is_vit else "resnet"
     source = Path(args.seg_config) if args.seg_config else CONFIG_DIR / PRESETS[args.preset][family]
@@ -150,6 +158,7 @@ def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone,
     for flag in ("iters", "batch_size", "crop_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    per_process_batch(args.batch_size, world_size)  # a one-line error before anything is written
     apply_overrides(cfg, data_root=ctx.data_root.resolve(), classes=None if own_classes else classes, iters=args.iters,
                     batch_size=args.batch_size, lr=args.lr, crop_size=args.crop_size, num_workers=args.num_workers)
     cfg.model = mmseg_models.segmentor_config(cfg.model, backbone, len(classes), (args.crop_size, args.crop_size))
@@ -160,37 +169,38 @@ def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone,
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, SPEC.defaults, None, SPEC.sample if ctx.is_sample else None)
     try:
-        from mmengine.runner import Runner
-
         import transfer.ade20k.models as mmseg_models
+        from transfer.ade20k.resume import run_identity
+        from transfer.ade20k.train import train_and_validate
     except ImportError as e:
         raise ValueError(f"{SEG_EXTRA}; import failed: {e}") from None
+    info = get_dist_info()
     backbone = ctx.load_backbone()
     mmseg_models.check_supported(backbone)  # before any data is read
-    cfg, source, counts = build_config(ctx, args, backbone, mmseg_models)
+    cfg, source, counts = build_config(ctx, args, backbone, mmseg_models, info.world_size)
     resolved = ctx.output_dir / "ade20k_config.py"
-    cfg.dump(str(resolved))
-    logger.info("%s on %d training / %d validation images, %d classes, %d iterations of %d x %dx%d crops; config %s",
-                backbone.arch, counts["training"], counts["validation"], cfg.model.decode_head.num_classes,
-                args.iters, args.batch_size, args.crop_size, args.crop_size, resolved)
+    if info.is_main:
+        cfg.dump(str(resolved))
+        logger.info("%s on %d training / %d validation images, %d classes, %d iterations of %d x %dx%d crops "
+                    "(%d per process); config %s", backbone.arch, counts["training"], counts["validation"],
+                    cfg.model.decode_head.num_classes, args.iters, args.batch_size, args.crop_size, args.crop_size,
+                    args.batch_size // info.world_size, resolved)
 
+    seed_everything(args.seed)  # the heads' initialisation: the same on every rank and in every rerun
     model = mmseg_models.build_segmentor(cfg.model, backbone)
-    runner = Runner(model=model, work_dir=cfg.work_dir, train_dataloader=cfg.train_dataloader,
-                    val_dataloader=cfg.val_dataloader, train_cfg=cfg.train_cfg, val_cfg=cfg.val_cfg,
-                    val_evaluator=cfg.val_evaluator, optim_wrapper=cfg.optim_wrapper,
-                    param_scheduler=cfg.param_scheduler, default_hooks=cfg.default_hooks, env_cfg=cfg.env_cfg,
-                    log_processor=cfg.log_processor, log_level=cfg.log_level, visualizer=cfg.visualizer,
-                    default_scope=cfg.default_scope, randomness=dict(seed=args.seed),
-                    experiment_name=f"ade20k-{uuid.uuid4().hex[:8]}", cfg=cfg)
-    runner.model.to(ctx.device)  # mmengine puts the model on its own choice of device; --device decides
-    runner.train()  # validates at the end of training (mmengine's IterBasedTrainLoop)
-    metric = runner.val_loop.evaluator.metrics[0]
-    metrics = {k: round(float(metric.summary[k]), 2) for k in ("mIoU", "mAcc", "aAcc")}  # mmseg rounds to 0.01
-    logger.info("ADE20K: mIoU %.2f, mAcc %.2f, aAcc %.2f (percent)", metrics["mIoU"], metrics["mAcc"], metrics["aAcc"])
+    run_id = run_identity(cfg.to_dict(), ctx.model_id(), args.seed)
+    outcome = train_and_validate(cfg, model, device=ctx.device, info=info, seed=args.seed, run_id=run_id,
+                                 experiment_name=f"ade20k-{uuid.uuid4().hex[:8]}")
+    metrics = {k: round(float(outcome["summary"][k]), 2) for k in ("mIoU", "mAcc", "aAcc")}  # mmseg rounds to 0.01
+    if info.is_main:
+        logger.info("ADE20K: mIoU %.2f, mAcc %.2f, aAcc %.2f (percent)", metrics["mIoU"], metrics["mAcc"],
+                    metrics["aAcc"])
     return {"metrics": metrics, "metrics_scale": "percent (0-100), as mmseg's IoUMetric reports",
-            "per_class": metric.per_class, "classes": list(metric.per_class), "iterations": args.iters,
-            "num_images": counts, "config_file": str(resolved), "config_source": str(source),
-            "mmseg_log_dir": runner.log_dir, "backbone_family": "vit" if backbone.is_vit else "resnet"}
+            "per_class": outcome["per_class"], "classes": list(outcome["per_class"]), "iterations": args.iters,
+            "batch_per_process": args.batch_size // info.world_size, "resumed_from": outcome["resumed_from"],
+            "resumed_iteration": outcome["resumed_iteration"], "num_images": counts, "config_file": str(resolved),
+            "config_source": str(source), "mmseg_log_dir": outcome["log_dir"],
+            "backbone_family": "vit" if backbone.is_vit else "resnet"}
 
 
 def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
@@ -215,4 +225,5 @@ def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
 
 SPEC = TaskSpec(name="ade20k", help=HELP, headline="mIoU", add_arguments=add_arguments,
                 builtin_sample=builtin_sample, run=run, workload=workload,
+                distributed=True,  # torchrun / srun: mmengine's DDP over the global --batch-size, sharded validation
                 defaults={"preset": "160k"}, sample={"preset": "cpu_sample"}, suite_dataset="ade20k")

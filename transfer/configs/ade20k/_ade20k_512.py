@@ -1,7 +1,8 @@
 # ADE20K at 512x512 for 160k iterations: data pipeline, runtime and schedule shared by the paper-scale presets.
 # Every value is mmsegmentation 1.2.2's, from the files named beside it (paths inside mmseg's configs/); the only
 # additions are the dataset's explicit suffixes / reduce_zero_label (ADE20KDataset's own defaults, spelled out) and
-# the batch of 16 images per iteration in ONE process (mmseg's 8 GPUs x 2 images = 16, see the model files).
+# the batch of 16 images per iteration over all processes (mmseg's 8 GPUs x 2 images = 16, see the model files):
+# train_dataloader.batch_size here is that global batch; under N processes each takes 16 / N (transfer/ade20k/train.py).
 # eval/tasks/ade20k.py fills data_root, the backbone, the number of classes and the flags you pass.
 
 # _base_/datasets/ade20k.py

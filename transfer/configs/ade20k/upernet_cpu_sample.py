@@ -5,7 +5,8 @@
 #     cores with a random-init ViT-S/16: about 3 minutes, mIoU 66; 8 images per iteration gave 77 in about 5)
 #   - AdamW lr 1e-3 (a random-init backbone learns from scratch here; 6e-5 barely moves it in 400 steps)
 #   - thin heads: neck and UperNet 64 channels, auxiliary FCN head 32 (512 / 256 in the recipe)
-#   - no checkpoint file (a ViT-S segmentor with AdamW states is ~260 MB); validation only at the end
+#   - no periodic checkpoint file (a ViT-S segmentor with AdamW states is ~260 MB), only one at a preemption
+#     signal (transfer/ade20k/resume.py); validation only at the end
 # eval/tasks/ade20k.py fills data_root, the backbone, the classes and the flags you pass.
 # Everything not set here is _ade20k_512.py's (pipelines, evaluator, hooks, runtime). mmengine resolves a base file's
 # names when it reads that file, so eval/tasks/ade20k.py puts img_scale and the crop size into the base's pipelines.

@@ -4,10 +4,11 @@
 # _base_/schedules/schedule_160k.py): SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly 0.9 to 1e-4,
 # batch 4 GPUs x 4 = 16. mmseg's metafile: 42.05 mIoU (single scale) with its
 # ImageNet-supervised ResNetV1c-50.
-# Differences, all forced by running our weights in one process:
+# Differences, all forced by running our weights (in one process or several):
 #   - backbone: mmseg's ResNet (the torchvision / timm layout our ResNets have: 7x7 stem, stride in the 3x3
 #     convolution) instead of ResNetV1c (a three-convolution stem our checkpoints do not have)
-#   - norm_cfg: BN instead of SyncBN: one process holds the whole 16-image batch (see upernet_vit_160k.py)
+#   - norm_cfg: BN instead of SyncBN: one process holds the whole 16-image batch; N processes normalise over it
+#     with GlobalBatchNorm (see upernet_vit_160k.py)
 #   - the ImageNet checkpoint mmseg names in `pretrained` is replaced by the evaluated checkpoint
 _base_ = ['./_ade20k_512.py']
 

@@ -4,13 +4,15 @@
 # _base_/schedules/schedule_160k.py); widths follow vit_deit-s16-ln_mln_upernet_8xb2-160k_ade20k-512x512.py
 # (neck width = the ViT's width). mmseg's metafile: 47.73 mIoU for its ViT-B/16 weights, 43.52 for DeiT-S (single
 # scale).
-# Differences, all forced by running our weights in one process:
+# Differences, all forced by running our weights (in one process or several):
 #   - backbone: built from the evaluated ViT by transfer/ade20k/models.py (mmseg's VisionTransformer with the
 #     ViT's own depth, width, heads, patch size; blocks of each quarter's end as outputs, (2, 5, 8, 11) at
 #     depth 12 as mmseg's; img_size = the crop; final_norm=True as this "-ln" config; patch_bias=True because timm
 #     ViTs have the patch-embedding bias, which mmseg 1.x's default patch_bias=False would silently drop)
 #   - norm_cfg: BN instead of SyncBN: one process holds the whole 16-image batch, so BN sees the same statistics
-#     SyncBN gathers over 8 GPUs x 2 images (and mmengine reverts SyncBN to BN without a process group anyway)
+#     SyncBN gathers over 8 GPUs x 2 images (and mmengine reverts SyncBN to BN without a process group anyway);
+#     under N processes the task turns every BN into a GlobalBatchNorm over the 16 images (transfer/ade20k/global_bn.py:
+#     torch's SyncBN refuses CPU tensors, mmcv's needs compiled ops mmcv-lite lacks)
 #   - the ImageNet checkpoint mmseg names in `pretrained` is replaced by the evaluated checkpoint
 _base_ = ['./_ade20k_512.py']
 
