@@ -207,6 +207,14 @@ def restore_training_state(state: dict, model: torch.nn.Module, optimizer: torch
         set_rng_state(state["rng"])
 
 
+def keep_signals_for_the_main_process(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the workers ignore the preemption signals. SLURM signals every process of a
+    job; a worker that a SIGTERM ends takes the main process down with it ("DataLoader worker ... is killed") before
+    :class:`SaveNow` can save. The workers still end with their main process (they watch it)."""
+    for sig in SaveNow.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class SaveNow:
     """The "save now" hook of a preemption signal.
 

@@ -37,6 +37,7 @@ from bam.training import (
     SaveNow,
     amp_dtype,
     grad_scaler,
+    keep_signals_for_the_main_process,
     restore_training_state,
     seed_everything,
     training_state,
@@ -254,6 +255,7 @@ def build(args: argparse.Namespace) -> Run:
                          "lower --batch-size-per-gpu")
     sampler = EpochSampler(dataset, info.rank, info.world_size, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
+                        worker_init_fn=keep_signals_for_the_main_process,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
     steps = len(loader)
     loss_fn = BAMLoss(2 + args.n_local, 2, args.n_target_crops, args.reg, args.temperature, args.sinkhorn_iters,

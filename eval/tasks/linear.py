@@ -31,7 +31,7 @@ from bam.cli import number, number_list, parse_list, resolve_defaults
 from bam.distributed import all_gather_rows, barrier, get_dist_info
 from bam.images import MEAN, STD, labelled_folder, labelled_splits
 from bam.samples.photos import photos_sample
-from bam.training import GlobalBatches, SeededSamples, derived_seed
+from bam.training import GlobalBatches, SeededSamples, derived_seed, keep_signals_for_the_main_process
 from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
@@ -122,6 +122,7 @@ def augmented_batches(backbone, root: Path, indices: list[int], n_blocks: int, b
         sampler = GlobalBatches(len(dataset), batch, args.seed * 100003 + epoch, info.rank, info.world_size,
                                 first_step=first)
         loader = DataLoader(SeededSamples(dataset, derived_seed(args.seed, epoch)), batch_sampler=sampler,
+                            worker_init_fn=keep_signals_for_the_main_process,
                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
         for images, labels in loader:
             with torch.no_grad():

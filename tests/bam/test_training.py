@@ -149,3 +149,46 @@ def test_seeded_samples_draw_by_index_whatever_the_order():
     torch.manual_seed(99)
     assert [data[i] for i in reversed(range(5))] == forward[::-1]
     assert len(set(forward)) == 5 and SeededSamples(Draw(), seed=4)[0] != forward[0]
+
+
+_GROUP_SIGNALLED = r"""
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from bam.training import SaveNow, keep_signals_for_the_main_process
+
+class Slow(Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.tensor(float(i))
+
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # the previous handler: stop once the state is saved
+init = keep_signals_for_the_main_process if sys.argv[1] == "ignore" else None
+with SaveNow() as save_now:
+    for step, batch in enumerate(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=init)):
+        if step == 3:
+            os.killpg(os.getpgrp(), signal.SIGTERM)  # what SLURM does: every process of the job
+            time.sleep(1.0)
+            continue  # the signal came while the next batch was fetched: the step boundary is the next one
+        if save_now.due():
+            print(f"saved after step {step}", flush=True)
+            save_now.release()
+"""
+
+
+@pytest.mark.parametrize("workers", ["ignore", "default"])
+def test_a_sigterm_to_the_whole_job_reaches_the_save_when_workers_leave_it_to_the_main_process(workers, tmp_path):
+    """SIGTERM to the process group, as SLURM sends it: with keep_signals_for_the_main_process the workers go on and
+    the loop saves at the next step; with default workers one of them dies first and the loader fails."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _GROUP_SIGNALLED, workers], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    if workers == "ignore":
+        assert done.returncode == 143 and "saved after step" in done.stdout, done.stderr[-2000:]
+    else:
+        assert "saved after step" not in done.stdout and "exited unexpectedly" in done.stderr, done.stderr[-2000:]

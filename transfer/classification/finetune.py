@@ -254,6 +254,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
                                              accum, first)
             loader = DataLoader(training.SeededSamples(train_set, training.derived_seed(args.seed, epoch)),
                                 batch_sampler=sampler, num_workers=args.num_workers,
+                                worker_init_fn=training.keep_signals_for_the_main_process,
                                 pin_memory=device.type == "cuda", persistent_workers=False)
             bar = tqdm(total=len(sampler), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                        disable=not info.is_main)

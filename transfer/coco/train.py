@@ -90,6 +90,7 @@ def train(model, train_set: CocoInstances, args, device: torch.device, output_di
             sampler.set_epoch(epoch)
             skip = (it - epoch * per_epoch) * per_rank
             loader = DataLoader(train_set, batch_size=per_rank, sampler=training.SkipFirst(sampler, skip),
+                                worker_init_fn=training.keep_signals_for_the_main_process,
                                 drop_last=True, collate_fn=collate, num_workers=args.num_workers)
             batches = iter(loader)  # draws the workers' base seed from the global generator
             if resumed_rng is not None:  # as the uninterrupted run had it here (exact with --num-workers 0; with
