@@ -90,7 +90,7 @@ class Estimate:
                  f" = {p.world_size} x {w.micro_batch}{f' x {w.accum} accumulated' if w.accum > 1 else ''}, "
                  f"{'fp32' if w.precision == 'none' else w.precision}, {w.arch}",
                  f"      peak {self.peak_gib:.1f} GiB/GPU of {p.gpu_mem_gb:g}; {self.hours:.1f} h "
-                 f"({self.gpu_hours:.0f} GPU-hours) of {self.limit_hours:.0f} h "
+                 f"({self.gpu_hours:,.1f} GPU-hours) of {self.limit_hours:.0f} h "
                  f"({p.time_min / 60:g} h x {1 + p.max_num_timeout if w.resumable else 1}"
                  f"{' runs, resumed' if w.resumable else ' run, starts over if requeued'})"]
         if w.note:
