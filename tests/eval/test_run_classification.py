@@ -15,6 +15,7 @@ from eval.run import main
 from transfer.features import extract
 
 from ..conftest import assert_flag_error, assert_one_line_error
+from ..preemption import Preempted, sigusr1_at_call
 
 COMMON = ["--image-size", "32", "--num-workers", "0"]
 
@@ -176,46 +177,22 @@ def test_the_official_probe_on_two_processes_equals_one_process(digit_folders, t
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
-class _Preempted(Exception):
-    """What submitit's handler does at the signal, in-process: stop the run (it requeues the job)."""
-
-
 @pytest.mark.parametrize("mode", [["--preset", "bam_vitb"], ["--no-augment", "--n-blocks", "1,2"]],
                          ids=["augmented", "cached"])
 def test_a_signal_mid_epoch_saves_the_probes_and_the_same_command_resumes_them(mode, digit_folders, tmp_path,
                                                                               tiny_checkpoint, monkeypatch, caplog):
     """SIGUSR1 during the 5th step (epoch 2 of 3 steps each) saves after that step and passes the signal on; the
     same command resumes at step 2 of epoch 2 and ends with the uninterrupted run's heads, log and metrics."""
-    import os
-    import signal
-
     def argv(name):
         return ["--task", "linear", "--data", str(digit_folders), "--output-dir", str(tmp_path / name), "--checkpoint",
                 str(tiny_checkpoint), *COMMON, "--epochs", "3", "--batch-size", "12", "--extract-batch-size", "12",
                 "--lrs", "0.1,1", *mode]
 
     assert main(argv("whole")) == 0
-    step, calls = torch.optim.SGD.step, []
-
-    def signalled_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step(self, *args, **kwargs)
-
-    def preempted(signum, frame):
-        raise _Preempted
-
-    monkeypatch.setattr(torch.optim.SGD, "step", signalled_step)
-    previous = signal.signal(signal.SIGUSR1, preempted)
-    try:
-        with pytest.raises(_Preempted):
-            main(argv("resumed"))
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with sigusr1_at_call(monkeypatch, torch.optim.SGD, "step", 5), pytest.raises(Preempted):
+        main(argv("resumed"))
     loop = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["loop"]
     assert (loop["epoch"], loop["iteration"]) == (1, 2) and not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
     caplog.clear()
     assert main(argv("resumed")) == 0
     assert "resuming the linear probes from" in caplog.text and "(epoch 2, step 2)" in caplog.text

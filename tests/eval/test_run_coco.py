@@ -12,6 +12,7 @@ from bam.samples import coco as coco_sample
 from eval.run import main
 
 from ..conftest import assert_one_line_error
+from ..preemption import Preempted, sigusr1_at_call
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--iters", "4", "--batch-size", "2", "--min-size", "64", "--max-size", "64", "--proposals", "100,50,50,20",
@@ -87,9 +88,6 @@ def test_a_signal_between_checkpoints_saves_at_once_and_the_rerun_ends_with_the_
         coco_root, tmp_path, tiny_checkpoint, monkeypatch):
     """Checkpoints every 2 iterations; SIGUSR1 during iteration 5 saves after it (iteration 5, mid-epoch) and passes
     the signal on; the same command resumes there and ends bit-equal to the run that was never signalled."""
-    import os
-    import signal
-
     from bam import training
 
     def argv(out):
@@ -97,25 +95,8 @@ def test_a_signal_between_checkpoints_saves_at_once_and_the_rerun_ends_with_the_
                 str(out), *FAST, "--iters", "6", "--steps", "5", "--eval-batch-size", "3"]
 
     assert main(argv(tmp_path / "whole")) == 0
-    step, calls = training.optimizer_step, []
-
-    def signalled_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step(*args, **kwargs)
-
-    def preempted(signum, frame):
-        raise _Killed
-
-    previous = signal.signal(signal.SIGUSR1, preempted)
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(training, "optimizer_step", signalled_step)
-            with pytest.raises(_Killed):
-                main(argv(tmp_path / "signalled"))
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with sigusr1_at_call(monkeypatch, training, "optimizer_step", 5), pytest.raises(Preempted):
+        main(argv(tmp_path / "signalled"))
     assert torch.load(tmp_path / "signalled" / "checkpoint.pth", weights_only=True)["iter"] == 5
     assert main(argv(tmp_path / "signalled")) == 0
     whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)

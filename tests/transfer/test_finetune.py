@@ -3,7 +3,6 @@ import argparse
 import copy
 import math
 import os
-import signal
 import socket
 
 import numpy as np
@@ -21,6 +20,7 @@ from transfer.classification import finetune as ft
 from transfer.classification.finetune import Classifier, layer_decay_groups, lr_at
 
 from ..conftest import TINY_VIT
+from ..preemption import Preempted, sigusr1_at_call
 
 
 def _scales(groups):
@@ -182,36 +182,15 @@ def test_accumulated_micro_batches_make_the_gradient_of_the_global_batch(digit_f
         _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "bad", accum_iter=3, **plain)
 
 
-class _Preempted(Exception):
-    """What submitit's handler does at the signal, in-process: stop the run (it requeues the job)."""
-
-
 def test_a_signal_mid_epoch_saves_after_the_step_and_the_rerun_ends_with_the_uninterrupted_weights(
         digit_folders, tmp_path, tiny_vit, monkeypatch, caplog):
     """Full recipe (RandAugment, Mixup/CutMix, drop path, erasing): SIGUSR1 during step 2 of epoch 2 saves after
     that step and passes the signal on; the same call again resumes at step 3 of epoch 2 and ends bit-equal."""
     whole = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "whole", epochs=2)
-    step, calls = torch.optim.AdamW.step, []
-
-    def signalled_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4 + 2:  # 4 steps per epoch: the second step of epoch 2
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step(self, *args, **kwargs)
-
-    def preempted(signum, frame):
-        raise _Preempted
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", signalled_step)
-    previous = signal.signal(signal.SIGUSR1, preempted)
-    try:
-        with pytest.raises(_Preempted):
-            _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=2)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with sigusr1_at_call(monkeypatch, torch.optim.AdamW, "step", 4 + 2) as calls, pytest.raises(Preempted):
+        _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=2)  # 4 steps per epoch
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
     assert (saved["epoch"], saved["iteration"], len(calls)) == (0, 2, 6)  # epoch 1 done, 2 steps of epoch 2
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     torch.manual_seed(123)  # the process that resumes starts with other random state
     again = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / "resumed", epochs=2)
     assert "(epoch 1 done, 2 steps into epoch 2)" in caplog.text
