@@ -6,9 +6,9 @@
 
 Figures:
   - per task, the wall time of ``eval/run.py --task T`` in one process and under ``torchrun --nproc_per_node 2``
-    (gloo), both as new Python processes (imports included), and their ratio. On this project's 2-core machine two
-    ranks share the cores a single process already uses with 2 threads (torchrun sets one thread per rank): the
-    ratio shows the overhead of the distributed paths, not the speed-up 2 GPUs give;
+    (gloo), both as new Python processes (imports included) with one thread per process (torchrun's setting), and
+    their ratio. On a 2-core machine that is 1 core against 2: the ratio shows what the distributed paths cost and
+    save on CPUs, not the speed-up 2 GPUs give;
   - the checkpoint at a signal: the time of one fine-tuning save (``bam.checkpoint.save_atomic`` of the training
     state: weights, AdamW state, generators) of a ViT-S/16 classifier, against the time of one training step of it
     (a batch of 32 at 224 pixels): the per-step overhead of a signal is that save, once; the per-step cost of
@@ -48,8 +48,8 @@ def run_task(task: str, extra: list[str], out: Path, cache: Path, processes: int
             port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                str(port), str(REPO / "eval" / "run.py"), *argv]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    start = time.perf_counter()  # one thread per process, as torchrun sets it: the ratio compares like with like
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{task} on {processes} process(es) failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
