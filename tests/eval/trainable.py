@@ -17,9 +17,12 @@ from ..conftest import make_digit_folders
 from .test_run_coco import FAST
 
 TRAINABLE = ("finetune", "linear", "semisup", "coco")
-# 180 training digits in batches of 2: an epoch of 90 steps (semisup's half: 45) takes about a second on one thread
+# 180 training digits in batches of 2: an epoch of 90 steps (semisup's half: 45) takes about a second on one thread;
+# 3 epochs: a run stopped once its first checkpoint (epoch 1's) is written has two to go
 DIGITS = {"train_per_class": 60, "val_per_class": 4}
-FINETUNE = ["--epochs", "2", "--batch-size", "2", "--warmup-epochs", "1", "--image-size", "32", "--num-workers", "0"]
+EPOCHS = 3
+FINETUNE = ["--epochs", str(EPOCHS), "--batch-size", "2", "--warmup-epochs", "1", "--image-size", "32",
+            "--num-workers", "0"]
 # "done": optimizer steps done at the checkpoint a "resuming" line names, from the line's numbers and steps per epoch
 _FINETUNE_RESUMED = (r"resuming fine-tuning from \S+ \(epoch (\d+) done(?:, (\d+) steps into epoch \d+)?\)",
                      lambda m, per_epoch: int(m[1]) * per_epoch + int(m[2] or 0))
@@ -88,12 +91,12 @@ def trainable(task: str, root: Path, checkpoint: Path) -> Trainable:
     n = 3 * DIGITS["train_per_class"]
     common = ["--task", task, "--data", str(data), "--checkpoint", str(checkpoint)]
     if task == "finetune":
-        return Trainable(task, [*common, *FINETUNE], "checkpoint.pth", n // 2, n)
+        return Trainable(task, [*common, *FINETUNE], "checkpoint.pth", n // 2, EPOCHS * n // 2)
     if task == "semisup":
         return Trainable(task, [*common, "--protocol", "finetune", "--fractions", "0.5", *FINETUNE],
-                         "50pct/checkpoint.pth", n // 4, n // 2)
+                         "50pct/checkpoint.pth", n // 4, EPOCHS * n // 4)
     if task == "linear":  # the official probe: augmented views through the backbone, a BatchNorm head
-        return Trainable(task, [*common, "--preset", "bam_vitb", "--epochs", "2", "--batch-size", "2",
+        return Trainable(task, [*common, "--preset", "bam_vitb", "--epochs", str(EPOCHS), "--batch-size", "2",
                                 "--extract-batch-size", "12", "--image-size", "32", "--num-workers", "0"],
-                         "checkpoint.pth", n // 2, n)
+                         "checkpoint.pth", n // 2, EPOCHS * n // 2)
     raise ValueError(f"{task} is not one of {TRAINABLE}")
