@@ -223,14 +223,16 @@ class SaveNow:
     boundary (a collective under a process group: every rank answers the same) and, when it is, writes its state and
     calls ``save_now.release()``: the signal then goes to the handler that was there before, at a point where the
     checkpoint on disk is complete (submitit's requeues and exits, the default one ends the process, submitit's
-    SIGTERM bypass lets training go on). Outside the main thread it does nothing.
+    SIGTERM bypass lets training go on). Every signal recorded is passed on, in the order they came: a preemption
+    sends SIGTERM and USR2 a moment apart, often within one step, and the one that requeues must not be lost.
+    Outside the main thread it does nothing.
     """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, name))
 
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
         self.signals = signals
-        self.pending: int | None = None
+        self.pending: list[int] = []  # recorded, not yet passed on; in the order they came
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SaveNow:
@@ -242,18 +244,19 @@ class SaveNow:
     def __exit__(self, exc_type, *exc) -> None:
         """Restore the handlers; a signal that came after the loop's last look is passed on now (the loop's last
         checkpoint is on disk), unless an error is leaving the loop."""
-        if self.pending is not None and exc_type is None:
+        if self.pending and exc_type is None:
             self.release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _record(self, signum: int, frame: Any) -> None:
-        self.pending = signum
+        if signum not in self.pending:
+            self.pending.append(signum)
 
     def due(self) -> bool:
         """Whether a signal asks for a checkpoint now (on every rank, when any rank received one)."""
-        flag = self.pending is not None
+        flag = bool(self.pending)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             backend = torch.distributed.get_backend()
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -263,16 +266,16 @@ class SaveNow:
         return flag
 
     def release(self) -> None:
-        """Hand the recorded signal to the handler that was installed before (after the state is saved)."""
-        signum, self.pending = self.pending, None
-        if signum is None:  # another rank's signal: this one goes on until its own arrives
-            return
-        previous = self._previous.get(signum, signal.SIG_DFL)
-        logger.warning("%s: state saved; passing the signal on", signal.Signals(signum).name)
-        if callable(previous):
-            previous(signum, None)  # submitit: requeue and exit; its SIGTERM bypass: return and go on
-        elif previous == signal.SIG_DFL:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-            self._previous = {}
-            os.kill(os.getpid(), signum)
+        """Hand the recorded signals, in the order they came, to the handlers installed before (after the state is
+        saved). No signal here: another rank's, this one goes on until its own arrives."""
+        signals, self.pending = self.pending, []
+        for signum in signals:
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            logger.warning("%s: state saved; passing the signal on", signal.Signals(signum).name)
+            if callable(previous):
+                previous(signum, None)  # submitit: requeue and exit; its SIGTERM bypass: return and go on
+            elif previous == signal.SIG_DFL:
+                for sig, handler in self._previous.items():
+                    signal.signal(sig, handler)
+                self._previous = {}
+                os.kill(os.getpid(), signum)

@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,7 +199,16 @@ class FrontDoorJob:
         return {"rank": env.global_rank, "world_size": env.num_tasks, "job_id": env.job_id, "results": results}
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on preemption or time-out: requeue the same command, which resumes by itself."""
+        """Called by submitit on preemption or time-out: requeue the same command, which resumes by itself.
+
+        submitit then runs ``scontrol requeue``, and SLURM, requeueing, sends SIGTERM to every process of the job at
+        once: to that scontrol too, before it has exited, often enough on a busy node. Killed, it makes submitit
+        record the requeued job as failed (its error becomes the job's result until the requeued run replaces it).
+        From here this process only requeues and exits, so it ignores SIGTERM, and so does the scontrol it starts
+        (a child inherits an ignored signal).
+        """
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         latest = latest_path(self.output_dir) if self.output_dir else None
         if latest is not None and latest.is_file():
             logger.warning("requeueing; the job will resume from %s", latest)

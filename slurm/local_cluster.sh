@@ -31,6 +31,9 @@ require() {
     [ ${#missing[@]} = 0 ] || die "missing ${missing[*]}; install: apt-get install munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
 }
 
+# A requeued job may start cred_expire + 1 s after its requeue (AuthInfo), but nothing wakes the scheduler then:
+# it waits for the main scheduling loop, every sched_interval (SLURM's default: 60 s). Both short here, so a
+# preempted test job is back in seconds.
 write_configs() {
     mkdir -p "$DIR"/{state,spool,log,run}
     cat > "$CONF" <<CONF
@@ -52,6 +55,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

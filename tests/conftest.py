@@ -29,6 +29,17 @@ def tiny_checkpoint(tmp_path, tiny_vit):
     return path
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """torch on one thread, here and in the processes the test starts ($OMP_NUM_THREADS): runs compared bit for bit
+    then do not depend on how many CPUs each process was given, and a shared machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _capture_info_logs(caplog):
     caplog.set_level(logging.INFO)
@@ -81,10 +92,12 @@ def assert_flag_error(main, argv, capsys, match):
     assert match in error, error
 
 
-def make_digit_folders(root):
-    """A labelled ``train/`` + ``val/`` ImageFolder of scikit-learn digits 0-2 (12 + 4 per class, 32x32 RGB)."""
+def make_digit_folders(root, train_per_class=12, val_per_class=4):
+    """A labelled ``train/`` + ``val/`` ImageFolder of scikit-learn digits 0-2 (12 + 4 per class, 32x32 RGB; up to
+    178 per class in all)."""
     digits = load_digits()
-    for split, sl in (("train", slice(0, 12)), ("val", slice(12, 16))):
+    n = train_per_class
+    for split, sl in (("train", slice(0, n)), ("val", slice(n, n + val_per_class))):
         for label in range(3):
             (root / split / str(label)).mkdir(parents=True)
             for i in np.flatnonzero(digits.target == label)[sl]:

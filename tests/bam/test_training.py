@@ -80,13 +80,34 @@ def test_save_now_defers_a_signal_to_the_step_boundary_then_passes_it_on():
         with SaveNow() as save_now:
             assert not save_now.due()
             os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not acted on: the step goes on
-            assert save_now.pending == signal.SIGUSR1 and save_now.due()
+            assert save_now.pending == [signal.SIGUSR1] and save_now.due()
             with pytest.raises(_Passed):  # after the save: the handler that was there before
                 save_now.release()
-            assert save_now.pending is None and not save_now.due()
+            assert save_now.pending == [] and not save_now.due()
         assert signal.getsignal(signal.SIGUSR1) is previous  # the context restores the handlers
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.parametrize("order", [("SIGTERM", "SIGUSR2"), ("SIGUSR2", "SIGTERM")])
+def test_two_signals_in_one_step_are_both_passed_on(order):
+    """A preemption as submitit (and SLURM with a grace time) sends it: SIGTERM and USR2 a moment apart, here both
+    within one step. The USR2 that requeues the job must reach its handler whatever the order."""
+    signals = [getattr(signal, name) for name in order]
+    seen = []
+    old = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum)) for sig in signals}
+    try:
+        with SaveNow() as save_now:
+            signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the step: a long C call, no Python handler runs
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            assert sorted(save_now.pending) == sorted(signals) and seen == []
+            save_now.release()
+            assert sorted(seen) == sorted(signals) and save_now.pending == []
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def test_a_signal_after_the_loops_last_look_is_passed_on_when_the_loop_ends():

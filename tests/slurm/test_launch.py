@@ -138,7 +138,21 @@ def test_a_preempted_job_requeues_and_ends_with_the_weights_of_an_uninterrupted_
 def test_the_job_resumes_from_the_file_training_writes(tmp_path, caplog):
     job = FrontDoorJob("pretrain", ["--epochs", "2", "--output-dir", str(tmp_path)], tmp_path)
     (tmp_path / "checkpoint.pth").write_bytes(b"")
-    again = job.checkpoint()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        again = job.checkpoint()
+        # SLURM's requeue SIGTERMs the whole job: the scontrol requeue that submitit starts next must survive it
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        child = subprocess.Popen(["sleep", "30"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    try:
+        child.terminate()
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
     assert again.function == job and again.function is not job
     assert f"resume from {tmp_path / 'checkpoint.pth'}" in caplog.text
 

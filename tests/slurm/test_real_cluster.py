@@ -16,6 +16,7 @@ from slurm.status import collect
 
 from ..conftest import assert_one_line_error, tiny_args
 from ..eval.test_suite import small_suite
+from ..eval.trainable import TRAINABLE, trainable
 from .conftest import PREEMPTED_EPOCHS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -88,6 +89,34 @@ def test_a_preempted_job_is_requeued_and_finishes_from_its_checkpoint(tiny_folde
     assert b["epoch"] == PREEMPTED_EPOCHS
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.parametrize("task", TRAINABLE)
+def test_a_preempted_evaluation_is_requeued_mid_epoch_and_ends_with_the_uninterrupted_weights(
+        task, tmp_path, tiny_checkpoint, one_thread):
+    """``eval/run.py --task <task>`` as a SLURM job, preempted once its first checkpoint is written (fine-tuning and
+    probes: early in epoch 2 of 3; COCO: about iteration 3 of 8, 6 an epoch): the job saves after the step under
+    way, submitit requeues it, the requeued run resumes there and ends with the weights, metrics and log of the same
+    command run uninterrupted in this process."""
+    run = trainable(task, tmp_path, tiny_checkpoint)
+    out = tmp_path / "preempted"
+    jobs = submit("eval", run.argv, out, "slurm", load_profile("local", time_min=30))  # >= 10: a preemption
+    deadline = time.time() + 180
+    while not (out / run.checkpoint).is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (out / run.checkpoint).is_file(), jobs[0].stderr()
+    jobs[0]._interrupt()  # SIGTERM, then USR2
+    # meanwhile (SLURM starts a requeued job no sooner than cred_expire + 1 s): the same command, never interrupted
+    assert eval_main(run.command(tmp_path / "whole")) == 0
+    assert wait_for(jobs) == [None]
+    log = jobs[0].stderr() or ""
+    # the USR2 that requeues, sent last, still found the loop training: it saved after the step, then passed it on
+    assert "SIGUSR2: state saved; passing the signal on" in log and "this job is preempted" in log
+    (resumed,) = run.resumed_at(log)
+    assert 0 < resumed < run.total_steps and resumed % run.steps_per_epoch, resumed  # mid-epoch
+    states = _sacct(jobs[0].job_id, "State", "--duplicates", lines=2).split()
+    assert len(states) == 2 and states[0] == "REQUEUED", states
+    run.assert_same_outcome(tmp_path / "whole", out)
 
 
 def test_a_failing_job_reports_its_error_to_the_caller(knn_argv, tmp_path, caplog):
