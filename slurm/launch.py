@@ -171,6 +171,12 @@ class _LastError(logging.Handler):
         self.message = record.getMessage()
 
 
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints a run writes under its folder: its own, a subset's (one level down), mmengine's."""
+    found = [latest_path(output_dir), *(latest_path(d) for d in output_dir.glob("*") if d.is_dir())]
+    return [p for p in found if p.is_file()] + sorted(output_dir.glob("mmseg/iter_*.pth"))
+
+
 @dataclass
 class FrontDoorJob:
     """What submitit pickles: a front door (``eval`` or ``pretrain``), its command line and its output folder."""
@@ -209,9 +215,9 @@ class FrontDoorJob:
         """
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        latest = latest_path(self.output_dir) if self.output_dir else None
-        if latest is not None and latest.is_file():
-            logger.warning("requeueing; the job will resume from %s", latest)
+        saved = _checkpoints(Path(self.output_dir)) if self.output_dir else []
+        if saved:  # the run's own (semisup: one per fraction, <out>/<p>pct/; ADE20K: mmseg/iter_N.pth)
+            logger.warning("requeueing; the job will resume from %s", max(saved, key=lambda p: p.stat().st_mtime))
         else:
             logger.warning("requeueing; no checkpoint yet, the job will start over")
         return submitit.helpers.DelayedSubmission(FrontDoorJob(self.entry, list(self.argv), self.output_dir))

@@ -157,6 +157,26 @@ def test_the_job_resumes_from_the_file_training_writes(tmp_path, caplog):
     assert f"resume from {tmp_path / 'checkpoint.pth'}" in caplog.text
 
 
+def test_a_requeue_names_the_checkpoint_a_subset_or_mmengine_wrote(tmp_path, caplog):
+    """semisup fine-tuning writes <out>/<p>pct/checkpoint.pth, ADE20K <out>/mmseg/iter_N.pth: the requeue says the
+    job resumes from them, not that it starts over."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        job = FrontDoorJob("eval", ["--task", "semisup", "--output-dir", str(tmp_path)], tmp_path)
+        job.checkpoint()
+        assert "no checkpoint yet, the job will start over" in caplog.text
+        (tmp_path / "10pct").mkdir()
+        (tmp_path / "10pct" / "checkpoint.pth").write_bytes(b"")
+        job.checkpoint()
+        assert f"resume from {tmp_path / '10pct' / 'checkpoint.pth'}" in caplog.text
+        (tmp_path / "mmseg").mkdir()
+        (tmp_path / "mmseg" / "iter_8.pth").write_bytes(b"")
+        job.checkpoint()
+        assert f"resume from {tmp_path / 'mmseg' / 'iter_8.pth'}" in caplog.text
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 def test_failure_message_is_the_jobs_last_error():
     tb = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
           "last):\n  File \"x.py\", line 1\nslurm.launch.JobFailed: --k 'ten' must be comma-separated integers\n"
