@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -35,8 +34,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bam.backbones import build_backbone
 from slurm.profiles import Profile
-
-logger = logging.getLogger(__name__)
 
 # the data sets' sizes at paper scale (images a pass reads)
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000  # ILSVRC-2012 (Russakovsky et al., IJCV 2015)
