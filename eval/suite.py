@@ -26,7 +26,16 @@ from bam.checkpoint import latest_path
 from bam.cli import check_keys
 from eval import budget
 from eval.tasks import TASKS, task_spec
-from slurm.launch import ENTRIES, Sweep, entry_main, parse_sweep, profile_overrides, submit, wait_for
+from slurm.launch import (
+    ENTRIES,
+    Sweep,
+    entry_main,
+    parse_sweep,
+    profile_overrides,
+    submit,
+    sweep_elements,
+    wait_for,
+)
 from slurm.profiles import Profile, load_profile
 
 logger = logging.getLogger(__name__)
@@ -254,9 +263,7 @@ def estimates(steps: list[Step]) -> list[budget.Estimate]:
                 raise ValueError(f"--task {spec.name} declares no workload (TaskSpec.workload)")
             arch = _flag(s.argv, "--arch") or archs.get(s.source) or _checkpoint_arch(s.input_checkpoint)
             runs = [(s.name, s.argv)] if not s.sweep else [
-                (f"{s.name}/{','.join(f'{f}={v[i]}' for f, v in s.sweep)}",
-                 [*s.argv, *(x for f, v in s.sweep for x in (f"--{f.replace('_', '-')}", v[i]))])
-                for i in range(len(s.sweep[0][1]))]
+                (f"{s.name}/{element}", [*s.argv, *flags]) for element, flags in sweep_elements(s.sweep)]
             for label, argv in runs:
                 out.append(budget.estimate(label, spec.workload(budget.step_args(spec.add_arguments, argv), arch,
                                                                 world), s.profile))
