@@ -53,11 +53,13 @@ class _Killed(Exception):
     pass
 
 
-def test_a_run_stopped_mid_epoch_resumes_at_its_place_to_the_uninterrupted_weights(coco_root, tmp_path,
-                                                                                   tiny_checkpoint, monkeypatch):
-    """6 training images in batches of 2: 3 iterations an epoch. Stopped after the checkpoint of iteration 4 (epoch
-    1, one batch in), the same command goes on with epoch 1's second batch and the saved generators: it ends
-    with the weights of the run that was never stopped."""
+def test_a_run_stopped_mid_epoch_or_signalled_resumes_at_its_place_to_the_uninterrupted_weights(
+        coco_root, tmp_path, tiny_checkpoint, monkeypatch):
+    """6 training images in batches of 2: 3 iterations an epoch, checkpoints every 2. Stopped after the checkpoint of
+    iteration 4 (epoch 1, one batch in), the same command goes on with epoch 1's second batch and the saved
+    generators. SIGUSR1 during iteration 5 saves after it (mid-epoch, between periodic checkpoints) and passes the
+    signal on; the same command resumes there. Both end with the weights of the run that was never stopped."""
+    from bam import training
     from transfer.coco import train as coco_train
 
     def argv(out):
@@ -76,34 +78,16 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_place_to_the_uninterrupted_weigh
         patch.setattr(coco_train, "save_atomic", save_then_die)
         with pytest.raises(_Killed):
             main(argv(tmp_path / "stopped"))
-    assert main(argv(tmp_path / "stopped")) == 0
-    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)
-    assert whole["iter"] == resumed["iter"] == 6
-    for k, v in whole["model"].items():
-        assert torch.equal(v, resumed["model"][k]), k
-
-
-def test_a_signal_between_checkpoints_saves_at_once_and_the_rerun_ends_with_the_same_weights(
-        coco_root, tmp_path, tiny_checkpoint, monkeypatch):
-    """Checkpoints every 2 iterations; SIGUSR1 during iteration 5 saves after it (iteration 5, mid-epoch) and passes
-    the signal on; the same command resumes there and ends bit-equal to the run that was never signalled."""
-    from bam import training
-
-    def argv(out):
-        return ["--task", "coco", "--data", str(coco_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
-                str(out), *FAST, "--iters", "6", "--steps", "5", "--eval-batch-size", "3"]
-
-    assert main(argv(tmp_path / "whole")) == 0
     with sigusr1_at_call(monkeypatch, training, "optimizer_step", 5), pytest.raises(Preempted):
         main(argv(tmp_path / "signalled"))
     assert torch.load(tmp_path / "signalled" / "checkpoint.pth", weights_only=True)["iter"] == 5
-    assert main(argv(tmp_path / "signalled")) == 0
     whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "signalled" / "checkpoint.pth", weights_only=True)
-    assert whole["iter"] == resumed["iter"] == 6
-    for k, v in whole["model"].items():
-        assert torch.equal(v, resumed["model"][k]), k
+    for name in ("stopped", "signalled"):
+        assert main(argv(tmp_path / name)) == 0
+        resumed = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
+        assert whole["iter"] == resumed["iter"] == 6
+        for k, v in whole["model"].items():
+            assert torch.equal(v, resumed["model"][k]), (name, k)
 
 
 def test_export_only_writes_detectron2_weights(coco_root, tmp_path, tiny_checkpoint):
