@@ -25,6 +25,7 @@ import yaml
 from bam.checkpoint import latest_path
 from bam.cli import check_keys
 from eval import budget
+from eval.derive import DERIVED_KEYS, PRETRAIN, derive, scaled_flags, unused_scale
 from eval.tasks import TASKS, task_spec
 from slurm.launch import (
     ENTRIES,
@@ -90,6 +91,12 @@ def every_task() -> tuple[dict, dict]:
 def load_suite(name: str) -> dict:
     path = suite_file(name)
     spec = yaml.safe_load(path.read_text()) or {}
+    if "derive" in spec:  # eval/derive.py: another suite's steps on the built-in samples, scaled
+        check_keys(spec, DERIVED_KEYS, str(path))
+        parent = suite_file(str(spec["derive"]))
+        if parent.resolve() == path.resolve() or "derive" in (yaml.safe_load(parent.read_text()) or {}):
+            raise ValueError(f"{path}: derive: {spec['derive']} is itself derived; derive from a suite of steps")
+        return derive({**spec, "path": str(path), "name": path.stem}, load_suite(str(parent)))
     check_keys(spec, SUITE_KEYS, str(path))
     if spec.get("steps") == EVERY_TASK:
         spec["steps"], datasets = every_task()
@@ -170,6 +177,7 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
             raise ValueError(f"--only {bad[0]}: no such step in suite {spec['name']}; steps: {', '.join(names)}")
     selected = [n for n in names if not only or n in only]
     steps: dict[str, Step] = {}
+    scale, used, archs = spec.get("scale"), set(), {}
     for name in _dependency_order(spec["steps"], selected):
         s = spec["steps"][name]
         where = f"suite {spec['name']}, step {name}"
@@ -179,6 +187,20 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
         argv = (["--task", s["task"]] if entry == "eval" else []) + _argv(s.get("args"), values, where, required)
         needs, input_ckpt = [], None
         ref = s.get("checkpoint")
+        try:  # the profile's fields < the step's resources < the flags
+            step_profile = load_profile(profile or s.get("profile", "local"), profile_file).with_overrides(
+                **(s.get("resources") or {})).with_overrides(**(overrides or {}))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if scale:
+            if entry == PRETRAIN:
+                from pretrain.main import parse_args
+
+                archs[name] = parse_args(argv).arch
+            try:
+                argv += scaled_flags(entry, argv, scale, step_profile.world_size, archs.get(ref, DEFAULT_ARCH), used)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         if ref in spec["steps"]:
             input_ckpt = latest_path(output_dir / ref)
             if ref in selected:
@@ -193,16 +215,28 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
                 raise FileNotFoundError(f"{where}: checkpoint {input_ckpt} does not exist; check --checkpoint")
         if input_ckpt is not None:
             argv += ["--checkpoint", str(input_ckpt)]
-        try:  # the profile's fields < the step's resources < the flags
-            step_profile = load_profile(profile or s.get("profile", "local"), profile_file).with_overrides(
-                **(s.get("resources") or {})).with_overrides(**(overrides or {}))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        sweep = parse_sweep([f"{flag}={','.join(_fill(str(v), values, where, True) for v in vals)}"
-                             for flag, vals in s["sweep"].items()]) if s.get("sweep") else None
+        sweep = _sweep(s.get("sweep"), values, where, required)
         steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt,
                            ref if ref in spec["steps"] else None)
+    unused = unused_scale(scale, used) if scale and not only else None
+    if unused:
+        raise ValueError(f"suite {spec['name']}: scale: {unused} is a flag of no step (known flags: each step's, "
+                         f"or TASK.flag / pretrain.flag)")
     return list(steps.values())
+
+
+def _sweep(sweep: dict | None, values: dict[str, str | None], where: str, keep_unset: bool) -> Sweep | None:
+    """A step's job array; a flag whose values all name an unset data set is left out (the built-in sample's own
+    subsets), unless the suite's data sets are required."""
+    flags = []
+    for flag, vals in (sweep or {}).items():
+        filled = [_fill(str(v), values, f"{where} sweep {flag}", keep_unset) for v in vals]
+        if all(f is None for f in filled):
+            continue
+        if any(f is None for f in filled):
+            raise ValueError(f"{where}: sweep {flag} mixes values with and without a data set: {vals}")
+        flags.append(f"{flag}={','.join(filled)}")
+    return parse_sweep(flags) if flags else None
 
 
 def _dependency_order(all_steps: dict, selected: list[str]) -> list[str]:

@@ -42,7 +42,8 @@ class TaskSpec:
     suite_dataset: str = "imagenet"                             # the suites' data set its --data reads
     suite_profile: str = "gpu-1"                                # its cluster profile in `--suite all`
     suite_args: Mapping[str, Any] = field(default_factory=dict)  # its extra flags in `--suite all`
-    # (its flags, the backbone's arch, processes) -> eval.budget.Workload: what a run at paper scale asks of the GPUs
+    # (its flags, the backbone's arch, processes) -> eval.budget.Workload: what a run at paper scale asks of the GPUs;
+    # it fills the flags left unset with the values the run would take (preset, defaults; derived suites read them)
     workload: Callable[[argparse.Namespace, str, int], Any] | None = None
 
     def headline_metric(self, metrics: Mapping[str, Any]) -> tuple[str, float] | None:

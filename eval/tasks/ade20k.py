@@ -92,6 +92,13 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
     cfg[last] = value
 
 
+def config_defaults(cfg: Any) -> dict:
+    """The values the flags left unset take: the recipe config's."""
+    return {"iters": cfg.train_cfg.max_iters, "batch_size": cfg.train_dataloader.batch_size,
+            "lr": cfg.optim_wrapper.optimizer.lr, "crop_size": cfg.model.data_preprocessor.size[0],
+            "num_workers": cfg.train_dataloader.num_workers}
+
+
 def apply_overrides(cfg: Any, *, data_root: Path, classes: list[str] | None, iters: int, batch_size: int, lr: float,
                     crop_size: int, num_workers: int) -> None:
     """Put the run's data, classes and flags into an mmengine ``Config`` (in place). ``classes=None``: the config's
@@ -152,9 +159,7 @@ def build_config(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone,
     else:
         classes = list(ade_sample.CLASSES if ctx.is_sample else mmseg_models.ADE20K_CLASSES)
     own_classes = data.type == "ADE20KDataset" and classes == list(mmseg_models.ADE20K_CLASSES)
-    resolve_defaults(args, {"iters": cfg.train_cfg.max_iters, "batch_size": cfg.train_dataloader.batch_size,
-                            "lr": cfg.optim_wrapper.optimizer.lr, "crop_size": cfg.model.data_preprocessor.size[0],
-                            "num_workers": cfg.train_dataloader.num_workers})
+    resolve_defaults(args, config_defaults(cfg))
     for flag in ("iters", "batch_size", "crop_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -212,8 +217,8 @@ def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
     family = "vit" if "vit" in arch else "resnet"
     cfg = Config.fromfile(str(Path(args.seg_config) if args.seg_config else
                               CONFIG_DIR / PRESETS[args.preset or SPEC.defaults["preset"]][family]))
-    batch = args.batch_size or cfg.train_dataloader.batch_size
-    iters, crop = args.iters or cfg.train_cfg.max_iters, args.crop_size or cfg.crop_size[0]
+    resolve_defaults(args, config_defaults(cfg))  # in place, as the other tasks' workloads do
+    batch, iters, crop = args.batch_size, args.iters, args.crop_size
     if batch % world:
         raise ValueError(f"--batch-size {batch} is not a multiple of the {world} processes")
     amp = "fp16" if cfg.optim_wrapper.get("type") == "AmpOptimWrapper" else "none"

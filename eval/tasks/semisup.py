@@ -157,7 +157,7 @@ def workload(args: argparse.Namespace, arch: str, world: int) -> Workload:
     labelled = round(sum(parse_list(args.fractions, float, "--fractions")) * IMAGENET_TRAIN)  # one subset after another
     if args.protocol == "finetune":
         return finetune_task.workload(args, arch, world, labelled)
-    size = args.image_size or 224
+    args.image_size = size = args.image_size or 224  # run()'s extraction crop
     return Workload(arch, ((1, size, size),), args.extract_batch_size, 1, args.extract_batch_size * world,
                     images=labelled + IMAGENET_VAL, memory_fixes=("a smaller --extract-batch-size",),
                     note="frozen: the labelled images and val/ once; the logistic regression (CPU) is not counted")

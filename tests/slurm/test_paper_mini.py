@@ -1,0 +1,82 @@
+"""The paper suite in miniature on a real SLURM (``--suite paper-mini``): every step a 2-task job, one preempted.
+
+About an hour on 2 CPU cores, so not part of the default run: ``BAM_PAPER_MINI=1 pytest -m paper_mini`` with
+``slurm/local_cluster.sh up`` (the README gives the last measured time).
+"""
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from eval.paper_table import table_rows
+from eval.run import main as eval_main
+from eval.suite import load_suite
+from slurm.status import collect
+
+from .test_real_cluster import _sacct
+
+pytestmark = [pytest.mark.slurm, pytest.mark.paper_mini, pytest.mark.usefixtures("slurm_cluster"),
+              pytest.mark.skipif(os.environ.get("BAM_PAPER_MINI") != "1",
+                                 reason="about an hour: set BAM_PAPER_MINI=1 to run the paper suite in miniature")]
+PREEMPTED = "pretrain_vit_small"  # the first job; every evaluation of ViT-S/16 waits for it (afterok)
+DEADLINE_S = 3 * 3600
+ENDED = ("COMPLETED", "FAILED", "FINISHED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL")
+
+
+def _wait(condition, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"{what} not within {timeout_s:.0f} s")
+
+
+def _stderr(step_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((step_dir / "jobs").glob(f"{job_id}_*_log.err")))
+
+
+def test_the_paper_suite_runs_in_miniature_with_two_tasks_per_job_and_a_preemption(tmp_path):
+    out = tmp_path / "paper-mini"
+    started = time.time()
+    assert eval_main(["--suite", "paper-mini", "--launcher", "slurm", "--output-dir", str(out)]) == 0
+    spec = load_suite("paper-mini")
+    rows = collect(out)  # a job array has a row per element
+    jobs = {r["name"]: r for r in rows}
+    assert set(jobs) == {*spec["steps"], "(suite table / report)"} and len(rows) == len(jobs) + 1
+    for r in rows:
+        assert r["resources"]["tasks_per_node"] == (1 if r["name"] == "(suite table / report)" else 2), r
+
+    # preempt the first pretraining once its two processes train (its log.jsonl has a step record)
+    log = out / PREEMPTED / "log.jsonl"
+    _wait(lambda: log.is_file() and '"kind": "train"' in log.read_text(), 1800, f"{PREEMPTED} training")
+    job_id = jobs[PREEMPTED]["job_id"]
+    submitit.SlurmJob(folder=out / PREEMPTED / "jobs", job_id=job_id, tasks=(0, 1))._interrupt()
+
+    def finished():
+        states = [(r["name"], r["state"]) for r in collect(out)]
+        return states if all(s.startswith(ENDED) for _, s in states) else None
+
+    states = _wait(finished, DEADLINE_S, "every job of the suite")
+    elapsed = time.time() - started
+    assert {s for _, s in states} == {"COMPLETED"}, states
+    assert _sacct(job_id, "State", "--duplicates", lines=2).split()[0] == "REQUEUED"
+    err = _stderr(out / PREEMPTED, job_id)
+    assert "this job is preempted" in err and re.search(r"resuming from .*checkpoint\.pth", err), err[-3000:]
+
+    written = sorted(out.rglob("results.json"))  # every step (and array element) ran on 2 processes
+    assert len(written) == len(spec["steps"]) + 1, written
+    for path in written:
+        assert json.loads(path.read_text()).get("world_size") == 2, path
+    rows = table_rows(spec, out)
+    cells = [(row["label"], r["measured"]) for row, r in zip(spec["table"], rows) if row.get("step")]
+    assert len(cells) == 14 and [label for label, value in cells if value is None] == []
+    table = (out / "paper_table.md").read_text()
+    for label, value in cells:
+        assert f"| {label} | {value:.1f} |" in table
+    print(f"paper-mini: {len(spec['steps'])} steps on SLURM in {elapsed / 60:.1f} min")
