@@ -2,14 +2,16 @@
 set left to its built-in sample, and the recipe's lengths and sizes scaled by factors the suite file declares.
 
 A derived suite file holds ``derive`` (the suite it follows), ``scale`` (``flag: factor`` or ``task.flag: factor``,
-e.g. ``epochs: 1/400``; ``pretrain.flag`` for the pretraining entry), and optionally ``profile`` and ``resources``
-(every step's cluster profile and fields on top). Each step's flags are the parent's, then:
+e.g. ``epochs: 1/400``; ``pretrain.flag`` for the pretraining entry), and optionally ``set`` (``flag: value``, the same
+keys: a value the derived suite's machines need, e.g. ``pretrain.amp: bf16`` where fp16 needs CUDA), ``profile`` and
+``resources`` (every step's cluster profile and fields on top). Each step's flags are the parent's, then:
 
 - every declared flag the step has: its value in the parent's recipe (the pretraining config, the task's preset and
   defaults, resolved by the task's own ``TaskSpec.workload``) x the factor; a flag that takes only whole numbers is
   rounded, and is at least 1; a comma-separated list (COCO's ``--steps``) is scaled element by element;
 - every flag a built-in sample would otherwise set for the task (``TaskSpec.sample``), pinned to the parent recipe's
-  value, so that the sample changes the data and the declared sizes, not the recipe.
+  value, so that the sample changes the data and the declared sizes, not the recipe;
+- every ``set`` flag the step has, with its value.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 from eval.budget import step_args
 from eval.tasks import task_spec
 
-DERIVED_KEYS = {"description", "derive", "scale", "profile", "resources"}
+DERIVED_KEYS = {"description", "derive", "scale", "set", "profile", "resources"}
 PRETRAIN = "pretrain"
 
 
@@ -43,6 +45,10 @@ def derive(spec: dict, parent: dict) -> dict:
     if parent.get("scale"):
         raise ValueError(f"{where}: derives from {parent['path']}, itself a derived suite; derive from its parent")
     scale = {str(k): parse_factor(v, f"{where}: scale {k}") for k, v in (spec.get("scale") or {}).items()}
+    fixed = {str(k): v for k, v in (spec.get("set") or {}).items()}
+    both = sorted(set(scale) & set(fixed))
+    if both:
+        raise ValueError(f"{where}: {both[0]} is both scaled and set; keep one")
     steps = {}
     for name, step in parent["steps"].items():
         step = dict(step)
@@ -54,7 +60,7 @@ def derive(spec: dict, parent: dict) -> dict:
     return {**{k: v for k, v in parent.items() if k in ("table", "report")},
             "description": spec.get("description", f"{parent['name']}, derived"), "steps": steps,
             "datasets": {name: None for name in parent.get("datasets") or {}}, "datasets_required": False,
-            "scale": scale, "derived_from": parent["path"], "path": spec["path"], "name": spec["name"]}
+            "scale": scale, "set": fixed, "derived_from": parent["path"], "path": spec["path"], "name": spec["name"]}
 
 
 def _actions(add_arguments) -> dict[str, argparse.Action]:
@@ -90,14 +96,15 @@ def scaled(value: Any, factor: Fraction, action: argparse.Action) -> str:
     return _times(value, factor, _whole(action) or (isinstance(value, str) and float(value).is_integer()))
 
 
-def _factor(scale: dict[str, Fraction], owner: str, dest: str) -> Fraction | None:
-    return scale.get(f"{owner}.{dest}", scale.get(dest))
+def _key(table: dict, owner: str, dest: str) -> str | None:
+    """The key of ``table`` that applies to flag ``dest`` of ``owner`` (a task, or pretrain): TASK.flag, else flag."""
+    return next((k for k in (f"{owner}.{dest}", dest) if k in table), None)
 
 
-def scaled_flags(entry: str, argv: list[str], scale: dict[str, Fraction], world: int, arch: str,
-                 used: set[str]) -> list[str]:
-    """The flags that follow a step's ``argv`` in a derived suite (module docstring); the scale keys applied are
-    added to ``used``."""
+def scaled_flags(entry: str, argv: list[str], scale: dict[str, Fraction], fixed: dict[str, Any], world: int,
+                 arch: str, used: set[str]) -> list[str]:
+    """The flags that follow a step's ``argv`` in a derived suite (module docstring); the ``scale`` and ``fixed``
+    (``set``) keys applied are added to ``used``."""
     if entry == PRETRAIN:
         from pretrain.main import get_args_parser, parse_args
 
@@ -114,17 +121,20 @@ def scaled_flags(entry: str, argv: list[str], scale: dict[str, Fraction], world:
     out = []
     for dest, action in actions.items():
         value = getattr(resolved, dest, None)
-        factor = _factor(scale, owner, dest)
-        if value is None or (factor is None and dest not in pinned):
+        factor, given = _key(scale, owner, dest), _key(fixed, owner, dest)
+        if given is not None:
+            used.add(given)
+            out += [action.option_strings[0], str(fixed[given])]
+        elif value is None or (factor is None and dest not in pinned):
             continue
-        if factor is not None:
-            used.add(f"{owner}.{dest}" if f"{owner}.{dest}" in scale else dest)
-            out += [action.option_strings[0], scaled(value, factor, action)]
+        elif factor is not None:
+            used.add(factor)
+            out += [action.option_strings[0], scaled(value, scale[factor], action)]
         elif not isinstance(value, bool) and not set(action.option_strings) & set(argv):  # given: the parent's
             out += [action.option_strings[0], str(value)]
     return out
 
 
-def unused_scale(scale: dict[str, Fraction], used: set[str]) -> str | None:
-    """The first declared scale key that no step has (a typo, or a flag of a task the suite does not run)."""
-    return next((k for k in scale if k not in used), None)
+def unused_key(declared: dict, used: set[str]) -> str | None:
+    """The first declared scale or set key that no step has (a typo, or a flag of a task the suite does not run)."""
+    return next((k for k in declared if k not in used), None)

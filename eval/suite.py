@@ -7,7 +7,9 @@ value is a dataset folder (``datasets:`` in the file, ``--dataset name=DIR`` on 
 checkpoint that step writes (``bam.checkpoint.latest_path`` of its folder) and makes the step wait for it (SLURM
 ``afterok``). ``profile`` names the cluster profile of its SLURM job (``resources: {field: value}`` changes some of
 its fields for this step), ``sweep: {flag: [values]}`` makes it a job array. After the steps, the suite renders
-``table:`` rows (measured vs published) and, with ``report: true``, a report card.
+``table:`` rows (measured vs published) and, with ``report: true``, a report card. ``derive: SUITE`` instead of steps
+makes a suite of another suite's steps on the built-in samples, its recipes scaled as the file declares
+(``eval/derive.py``; ``paper-mini``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import yaml
 from bam.checkpoint import latest_path
 from bam.cli import check_keys
 from eval import budget
-from eval.derive import DERIVED_KEYS, PRETRAIN, derive, scaled_flags, unused_scale
+from eval.derive import DERIVED_KEYS, PRETRAIN, derive, scaled_flags, unused_key
 from eval.tasks import TASKS, task_spec
 from slurm.launch import (
     ENTRIES,
@@ -177,7 +179,7 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
             raise ValueError(f"--only {bad[0]}: no such step in suite {spec['name']}; steps: {', '.join(names)}")
     selected = [n for n in names if not only or n in only]
     steps: dict[str, Step] = {}
-    scale, used, archs = spec.get("scale"), set(), {}
+    scale, fixed, used, archs = spec.get("scale"), spec.get("set") or {}, set(), {}
     for name in _dependency_order(spec["steps"], selected):
         s = spec["steps"][name]
         where = f"suite {spec['name']}, step {name}"
@@ -192,13 +194,14 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
                 **(s.get("resources") or {})).with_overrides(**(overrides or {}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if scale:
+        if scale or fixed:
             if entry == PRETRAIN:
                 from pretrain.main import parse_args
 
                 archs[name] = parse_args(argv).arch
             try:
-                argv += scaled_flags(entry, argv, scale, step_profile.world_size, archs.get(ref, DEFAULT_ARCH), used)
+                argv += scaled_flags(entry, argv, scale or {}, fixed, step_profile.world_size,
+                                     archs.get(ref, DEFAULT_ARCH), used)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
         if ref in spec["steps"]:
@@ -218,10 +221,10 @@ def plan(spec: dict, output_dir: str | os.PathLike, datasets: dict[str, str] | N
         sweep = _sweep(s.get("sweep"), values, where, required)
         steps[name] = Step(name, entry, argv, output_dir / name, step_profile, needs, sweep, input_ckpt,
                            ref if ref in spec["steps"] else None)
-    unused = unused_scale(scale, used) if scale and not only else None
+    unused = unused_key({**(scale or {}), **fixed}, used) if not only else None
     if unused:
-        raise ValueError(f"suite {spec['name']}: scale: {unused} is a flag of no step (known flags: each step's, "
-                         f"or TASK.flag / pretrain.flag)")
+        raise ValueError(f"suite {spec['name']}: {unused} (scale or set) is a flag of no step (known flags: each "
+                         f"step's, or TASK.flag / pretrain.flag)")
     return list(steps.values())
 
 

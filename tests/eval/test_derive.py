@@ -76,7 +76,7 @@ def test_paper_mini_is_the_paper_suite_on_samples_with_only_the_declared_flags_s
     mini_spec = load_suite("paper-mini")
     paper, mini = _paper_steps(tmp_path), {s.name: s for s in plan(mini_spec, tmp_path / "mini")}
     assert list(mini) == list(paper) and mini_spec["table"] == load_suite("paper")["table"]
-    declared = {key.split(".")[-1] for key in mini_spec["scale"]}
+    declared = {key.split(".")[-1] for key in [*mini_spec["scale"], *mini_spec["set"]]}
     for name, p in paper.items():
         m = mini[name]
         assert (m.entry, m.needs, m.source) == (p.entry, p.needs, p.source), name
@@ -100,7 +100,7 @@ def test_paper_mini_is_the_paper_suite_on_samples_with_only_the_declared_flags_s
         {"--iters": "18", "--steps": "16,18", "--batch-size": "4", "--min-size": "128", "--lr": "0.0001"}
     assert {k: flags["ade20k_vit_base"][k] for k in ("--iters", "--batch-size", "--crop-size")} == \
         {"--iters": "16", "--batch-size": "2", "--crop-size": "64"}  # mmseg's 160k config: 160000, 16, 512
-    assert flags["davis_vit_base"]["--short-side"] == "120"
+    assert (flags["davis_vit_base"]["--short-side"], flags["davis_vit_base"]["--long-multiple"]) == ("96", "16")
     assert mini["semisup_vit_base"].sweep == [("fractions", ["0.01", "0.1"])]  # the sample's balanced subsets
 
 
@@ -131,10 +131,24 @@ def test_a_derived_suite_follows_its_parent_file(tmp_path):
 def test_derived_suite_bad_input_is_one_line(tmp_path, caplog):
     parent = _suite(tmp_path, "parent", {"steps": {"k": {"task": "knn", "args": {"image_size": 224}}}})
     typo = _suite(tmp_path, "typo", {"derive": parent, "scale": {"image_sise": "1/2"}})
-    assert_one_line_error(main, ["--suite", typo, "--dry-run"], caplog, "scale: image_sise is a flag of no step")
+    assert_one_line_error(main, ["--suite", typo, "--dry-run"], caplog,
+                          "image_sise (scale or set) is a flag of no step")
     chain = _suite(tmp_path, "chain", {"derive": typo, "scale": {"image_size": "1/2"}})
     assert_one_line_error(main, ["--suite", chain, "--dry-run"], caplog, "is itself derived")
     bad = _suite(tmp_path, "bad", {"derive": parent, "scale": {"image_size": "half"}})
     assert_one_line_error(main, ["--suite", bad, "--dry-run"], caplog, "scale image_size: 'half' is not a factor")
     extra = _suite(tmp_path, "extra", {"derive": parent, "steps": {}})
     assert_one_line_error(main, ["--suite", extra, "--dry-run"], caplog, "steps")
+    both = _suite(tmp_path, "both", {"derive": parent, "scale": {"image_size": "1/2"}, "set": {"image_size": 96}})
+    assert_one_line_error(main, ["--suite", both, "--dry-run"], caplog, "image_size is both scaled and set")
+    mixed = _suite(tmp_path, "mixed", {"datasets": {"imagenet": None}, "steps": {"s": {
+        "task": "semisup", "sweep": {"split_file": ["{imagenet}/1percent.txt", "/splits/10percent.txt"]}}}})
+    assert_one_line_error(main, ["--suite", mixed, "--dry-run"], caplog, "sweep split_file mixes values with and "
+                          "without a data set")
+
+
+def test_a_set_flag_replaces_the_parents_value(tmp_path):
+    parent = _suite(tmp_path, "parent", {"steps": {"k": {"task": "knn", "args": {"image_size": 224}}}})
+    child = _suite(tmp_path, "child", {"derive": parent, "set": {"knn.image_size": 96}})
+    (step,) = plan(load_suite(child), tmp_path / "out")
+    assert step.argv == ["--task", "knn", "--image-size", "224", "--image-size", "96"]  # argparse: the last one
