@@ -42,8 +42,6 @@ def derive(spec: dict, parent: dict) -> dict:
     are all left unset (the built-in samples; ``--dataset`` still gives one), every step on ``spec['profile']``
     (else its own) with ``spec['resources']`` on top of its own."""
     where = spec["path"]
-    if parent.get("scale"):
-        raise ValueError(f"{where}: derives from {parent['path']}, itself a derived suite; derive from its parent")
     scale = {str(k): parse_factor(v, f"{where}: scale {k}") for k, v in (spec.get("scale") or {}).items()}
     fixed = {str(k): v for k, v in (spec.get("set") or {}).items()}
     both = sorted(set(scale) & set(fixed))
@@ -80,20 +78,24 @@ def _whole(action: argparse.Action) -> bool:
     return False
 
 
-def _times(value: Any, factor: Fraction, whole: bool) -> str:
-    exact = Fraction(str(value)) * factor
+def _times(value: Fraction, factor: Fraction, whole: bool) -> str:
+    exact = value * factor
     if whole or exact.denominator == 1:
         return str(max(1, round(exact)))
     return repr(float(exact))
 
 
 def scaled(value: Any, factor: Fraction, action: argparse.Action) -> str:
-    """``value`` x ``factor`` as the flag's text: whole-number flags rounded (at least 1), lists element-wise."""
-    if isinstance(value, str) and "," in value:
-        return ",".join(_times(v.strip(), factor, float(v).is_integer()) for v in value.split(","))
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{action.option_strings[0]} {value!r} is not a number to scale")
-    return _times(value, factor, _whole(action) or (isinstance(value, str) and float(value).is_integer()))
+    """``value`` x ``factor`` as the flag's text: whole-number flags rounded (at least 1), lists element-wise (a
+    whole number in a list stays whole)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        items = [Fraction(t.strip()) for t in str(value).split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{action.option_strings[0]} {value!r} is not a number to scale") from None
+    whole = _whole(action)
+    return ",".join(_times(i, factor, whole or (isinstance(value, str) and i.denominator == 1)) for i in items)
 
 
 def _key(table: dict, owner: str, dest: str) -> str | None:

@@ -39,6 +39,12 @@ def test_scaled_values_are_the_hand_computed_ones(value, factor, kind, expected)
     assert scaled(value, parse_factor(factor, "scale"), _action(kind)) == expected
 
 
+def test_only_numbers_are_scaled():
+    for value in ("rand-m9-mstd0.5-inc1", True, "1,x"):
+        with pytest.raises(ValueError, match="--x .* is not a number to scale"):
+            scaled(value, Fraction(1, 2), _action(None))
+
+
 @pytest.mark.parametrize("text", ["x", "-1", "0", "1/0"])
 def test_a_bad_factor_is_one_line(text):
     with pytest.raises(ValueError, match="scale epochs: .* (is not a factor|must be positive)"):

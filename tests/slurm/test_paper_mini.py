@@ -19,11 +19,12 @@ from slurm.status import collect
 
 from .test_real_cluster import _sacct
 
+DEADLINE_S = 3 * 3600
 pytestmark = [pytest.mark.slurm, pytest.mark.paper_mini, pytest.mark.usefixtures("slurm_cluster"),
+              pytest.mark.timeout(DEADLINE_S + 600),
               pytest.mark.skipif(os.environ.get("BAM_PAPER_MINI") != "1",
                                  reason="about an hour: set BAM_PAPER_MINI=1 to run the paper suite in miniature")]
 PREEMPTED = "pretrain_vit_small"  # the first job; every evaluation of ViT-S/16 waits for it (afterok)
-DEADLINE_S = 3 * 3600
 ENDED = ("COMPLETED", "FAILED", "FINISHED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL")
 
 
