@@ -1,6 +1,6 @@
 """The paper suite in miniature on a real SLURM (``--suite paper-mini``): every step a 2-task job, one preempted.
 
-About an hour on 2 CPU cores, so not part of the default run: ``BAM_PAPER_MINI=1 pytest -m paper_mini`` with
+About 42 minutes on 2 CPU cores, so not part of the default run: ``BAM_PAPER_MINI=1 pytest -m paper_mini`` with
 ``slurm/local_cluster.sh up`` (the README gives the last measured time).
 """
 import json
@@ -23,7 +23,7 @@ DEADLINE_S = 3 * 3600
 pytestmark = [pytest.mark.slurm, pytest.mark.paper_mini, pytest.mark.usefixtures("slurm_cluster"),
               pytest.mark.timeout(DEADLINE_S + 600),
               pytest.mark.skipif(os.environ.get("BAM_PAPER_MINI") != "1",
-                                 reason="about an hour: set BAM_PAPER_MINI=1 to run the paper suite in miniature")]
+                                 reason="about 42 minutes: set BAM_PAPER_MINI=1 to run the paper suite in miniature")]
 PREEMPTED = "pretrain_vit_small"  # the first job; every evaluation of ViT-S/16 waits for it (afterok)
 ENDED = ("COMPLETED", "FAILED", "FINISHED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL")
 
@@ -70,7 +70,9 @@ def test_the_paper_suite_runs_in_miniature_with_two_tasks_per_job_and_a_preempti
     assert {s for _, s in states} == {"COMPLETED"}, states
     assert _sacct(job_id, "State", "--duplicates", lines=2).split()[0] == "REQUEUED"
     err = _stderr(out / PREEMPTED, job_id)
-    assert "this job is preempted" in err and re.search(r"resuming from .*checkpoint\.pth", err), err[-3000:]
+    resumed = re.search(r"resuming from .*checkpoint\.pth: 0 of 1 epochs done and (\d+) of (\d+) steps", err)
+    assert "this job is preempted" in err and resumed, err[-3000:]
+    assert 10 <= int(resumed[1]) < int(resumed[2]), resumed[0]  # mid-epoch, where the signal found it
 
     written = sorted(out.rglob("results.json"))  # every step (and array element) ran on 2 processes
     assert len(written) == len(spec["steps"]) + 1, written
