@@ -23,7 +23,7 @@ That needs the rerun to have the uninterrupted run's number of processes and wor
 deterministic as an uninterrupted run (the 160k recipe turns ``cudnn_benchmark`` on).
 
 Neither does mmengine check that a checkpoint belongs to the run (it resumes whatever ``last_checkpoint`` names and
-loads weights with ``strict=False``), nor write atomically (``LocalBackend.put`` is ``open(path, 'wb').write``: a kill
+loads weights leniently), nor write atomically (``LocalBackend.put`` is ``open(path, 'wb').write``: a kill
 mid-save leaves a truncated file). Here: checkpoints carry ``bam_run_id`` (the evaluated weights and the recipe) and
 only a match is resumed; the exact key set is asserted on load; the ``bam_atomic`` file backend writes through
 :func:`bam.checkpoint.save_atomic`. Checkpoints load with ``weights_only=True`` (torch's default, what mmengine's
@@ -184,7 +184,7 @@ class ResumeHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         expected = set(model.state_dict())
         found = {re.sub(r"^module\.", "", k) for k in checkpoint["state_dict"]}
-        if found != expected:  # mmengine loads with strict=False: refuse here instead
+        if found != expected:  # mmengine's load only logs a mismatch: refuse it here, naming the keys
             raise ValueError(f"the checkpoint to resume does not fit the model: missing "
                              f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
         if "message_hub" in checkpoint:
