@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bam.backbones import Backbone
 from bam.cli import number
 from bam.distributed import DistInfo, balanced_shards, broadcast_from_rank0, fail_together, get_dist_info
 from bam.samples import davis as davis_sample
@@ -18,7 +19,9 @@ from eval.context import TaskContext
 from eval.tasks import TaskSpec
 from transfer.davis.data import (
     Sequence,
+    frame_size,
     load_sequence,
+    original_size,
     read_first_annotation,
     sequence_names,
     warn_about_id_gaps,
@@ -69,6 +72,9 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     sequences = [load_sequence(ctx.data_root, n) for n in names]
     if args.predictions and not Path(args.predictions).is_dir():
         raise FileNotFoundError(f"--predictions {args.predictions} is not a folder of <seq>/<frame>.png")
+    backbone = None if args.predictions else ctx.load_backbone().to(ctx.device).eval()
+    if backbone is not None:
+        check_frame_sizes(args, sequences, backbone)
     first_labels = [read_first_annotation(s.first_annotation)[0] for s in sequences]
     info = get_dist_info()
     if info.is_main:
@@ -89,7 +95,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
                 staging.mkdir(parents=True)
         with fail_together(discard):
             if not args.predictions:
-                _propagate_share(ctx, args, sequences, staging, info)
+                _propagate_share(ctx, args, backbone, sequences, staging, info)
         with fail_together(discard):
             outcome = _score_and_publish(ctx, args, sequences, staging) if info.is_main else None
     except BaseException:
@@ -98,8 +104,28 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     return broadcast_from_rank0(outcome)
 
 
-def _propagate_share(ctx: TaskContext, args: argparse.Namespace, sequences: list[Sequence], staging: Path,
-                     info: DistInfo) -> None:
+def check_frame_sizes(args: argparse.Namespace, sequences: list[Sequence], backbone: Backbone) -> None:
+    """The frames resized by --short-side and --long-multiple (the first frame's size stands for its sequence's) are
+    at least a pixel on each side and, for a ViT, tiled by its patches: a one-line error naming the flags and sizes
+    that work, before any frame is read. A CNN's last feature map floors any size by its stride."""
+    patch = backbone.feature_stride
+    for s in sequences:
+        h, w = original_size(s.frames[0])
+        height, width = frame_size(h, w, args.short_side, args.long_multiple)
+        long_side = args.short_side * max(h, w) // min(h, w)
+        if min(height, width) < 1:
+            raise ValueError(f"--long-multiple {args.long_multiple} floors the long side of {s.name}'s frames "
+                             f"({long_side} at --short-side {args.short_side}) to 0: give at most {long_side}")
+        if backbone.is_vit and (height % patch or width % patch):
+            raise ValueError(
+                f"--short-side {args.short_side} --long-multiple {args.long_multiple} resize the frames of {s.name} "
+                f"to height {height}, width {width}, which the patches ({patch} x {patch}) of {backbone.arch} do not "
+                f"tile: give multiples of {patch} (e.g. --short-side {max(patch, args.short_side // patch * patch)} "
+                f"--long-multiple {-(-args.long_multiple // patch) * patch})")
+
+
+def _propagate_share(ctx: TaskContext, args: argparse.Namespace, backbone: Backbone, sequences: list[Sequence],
+                     staging: Path, info: DistInfo) -> None:
     """Write ``staging/<seq>/<frame>.png`` for this rank's sequences. The sequences are balanced over ranks by frame
     count, since a sequence costs about its number of frames and DAVIS's range from a few dozen to about a hundred."""
     shard = balanced_shards([len(s.frames) for s in sequences], info.world_size)
@@ -110,7 +136,6 @@ def _propagate_share(ctx: TaskContext, args: argparse.Namespace, sequences: list
                     " + ".join(str(sum(len(sequences[i].frames) for i in part)) for part in shard))
     if not mine:  # more processes than sequences
         return
-    backbone = ctx.load_backbone().to(ctx.device).eval()
     if info.is_main and not backbone.is_vit:
         logger.warning("%s has no patch tokens: propagating its last feature map (stride %d) instead",
                        backbone.arch, backbone.feature_stride)

@@ -145,6 +145,32 @@ def test_a_failed_or_refused_run_leaves_the_earlier_outputs_as_they_were(davis_r
     assert _files(inside) == before and _files(out) == earlier
 
 
+def test_frame_sizes_the_patches_do_not_tile_are_refused_before_any_work(davis_root, tiny_checkpoint, tmp_path,
+                                                                          caplog):
+    """The fixture's frames are 96 wide and 64 high, the tiny ViT's patch 8. Hand-computed sizes: --short-side 60
+    gives height 60 and width 60 x 96 / 64 = 90 floored to a multiple of 32: 64; --short-side 64 with --long-multiple
+    30 gives width 96 floored to 90, with 200 to 0. Each is one line naming the flags and sizes that work, before a
+    frame is read: no staging folder, the earlier outputs as they were."""
+    out = tmp_path / "out"
+    argv = ["--task", "davis", "--data", str(davis_root), "--checkpoint", str(tiny_checkpoint), "--output-dir",
+            str(out), *FAST]
+    assert main(argv) == 0
+    earlier = _files(out)
+    untiled = "which the patches (8 x 8) of vit_small_patch16_224 do not tile: give multiples of 8"
+    for flags, match in [
+        (["--short-side", "60"], "--short-side 60 --long-multiple 32 resize the frames of alpha to height 60, "
+                                 f"width 64, {untiled} (e.g. --short-side 56 --long-multiple 32)"),
+        (["--long-multiple", "30"], "--short-side 64 --long-multiple 30 resize the frames of alpha to height 64, "
+                                    f"width 90, {untiled} (e.g. --short-side 64 --long-multiple 32)"),
+        (["--long-multiple", "200"], "--long-multiple 200 floors the long side of alpha's frames (96 at --short-side "
+                                     "64) to 0: give at most 96")]:
+        assert_one_line_error(main, [*argv, *flags], caplog, match)
+        assert _files(out) == earlier and not (out / ".partial-davis").exists()
+    # a ResNet's last feature map is not tiled by patches: any size runs (its stride floors it, as before)
+    assert main([*argv[:4], "--arch", "resnet18", "--sequences", "alpha", "--output-dir", str(tmp_path / "cnn"),
+                 *FAST, "--short-side", "60"]) == 0
+
+
 def test_non_finite_weights_are_refused_or_recorded(davis_root, tiny_vit, tmp_path, caplog):
     from bam.formats import backbone_checkpoint
 
