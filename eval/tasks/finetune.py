@@ -15,6 +15,7 @@ import torch
 from bam.cli import number, resolve_defaults
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
+from bam.training import amp_dtype
 from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
@@ -22,19 +23,25 @@ from transfer.classification.finetune import finetune, train_dataset
 
 logger = logging.getLogger(__name__)
 HELP = "end-to-end fine-tuning (MAE/BEiT recipe: AdamW, layer decay, drop path, RandAugment, Mixup/CutMix)"
-# MAE's ViT-B/16 recipe (facebookresearch/mae FINETUNE.md): 100 epochs, batch 1024, blr 5e-4, layer decay 0.65,
-# wd 0.05, drop path 0.1, mixup 0.8, cutmix 1.0, smoothing 0.1, RandAugment m9, random erasing 0.25, global pool
+# MAE's ViT-B/16 recipe (facebookresearch/mae). FINETUNE.md:71-77: 100 epochs, blr 5e-4, layer decay 0.65, wd 0.05,
+# drop path 0.1, random erasing 0.25, mixup 0.8, cutmix 1.0, global batch 1024. main_finetune.py's defaults for the
+# rest: accum_iter 1 (:47), input 224 (:54), no grad clipping (:61), min lr 1e-6 (:73), 5 warm-up epochs (:76),
+# RandAugment m9 (:82), smoothing 0.1 (:84), global pool (:115). fp16: engine_finetune.py:55 and :115 run the training
+# and the evaluation forward under torch.cuda.amp.autocast(), with main_finetune.py:288's loss scaler.
+# tests/eval/test_finetune_recipe.py checks each value against these lines.
 DEFAULTS = {"epochs": 100, "warmup_epochs": 5, "batch_size": 1024, "blr": 5e-4, "min_lr": 1e-6, "layer_decay": 0.65,
             "weight_decay": 0.05, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1,
             "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "pool": "avg", "image_size": 224,
-            "clip_grad": 0.0, "amp": "none", "num_workers": 8, "accum_iter": 1}
+            "clip_grad": 0.0, "amp": "fp16", "num_workers": 8, "accum_iter": 1}
 PRESETS = {
     "vit_base": {},  # the defaults: MAE's ViT-B/16 recipe
     # no published BAM or MAE recipe for ViT-S/16: MAE's with the layer decay used for 12-block small ViTs
     "vit_small": {"layer_decay": 0.75},
 }
-# the built-in sample: 32x32 crops shown at 64 (4x4 patches), a few epochs on a CPU
-SAMPLE = {"epochs": 6, "warmup_epochs": 1, "batch_size": 64, "blr": 2e-3, "image_size": 64, "num_workers": 2}
+# the built-in sample: 32x32 crops shown at 64 (4x4 patches), a few epochs on a CPU (full precision: fp16 autocast
+# needs CUDA)
+SAMPLE = {"epochs": 6, "warmup_epochs": 1, "batch_size": 64, "blr": 2e-3, "image_size": 64, "num_workers": 2,
+          "amp": "none"}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -69,7 +76,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--clip-grad", type=number(float, ge=0), default=None,
                        help="gradient norm clip, 0 = off")
     group.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"],
-                       help="autocast dtype (fp16 with a grad scaler, CUDA only)")
+                       help="autocast dtype of training and evaluation: fp16 (MAE's; with a grad scaler, CUDA "
+                            "only), bf16, or none (float32)")
     group.add_argument("--num-workers", type=number(int, ge=0), default=None, help="DataLoader workers")
 
 
@@ -84,6 +92,7 @@ def recipe(args: argparse.Namespace) -> dict:
 
 def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     resolve_defaults(args, DEFAULTS, PRESETS.get(args.preset), SAMPLE if ctx.is_sample else None)
+    amp_dtype(args.amp, ctx.device)  # fp16 without CUDA: refused before any data is read
     train_eval, val_set = labelled_splits(ctx.data_root, args.image_size)
     train_set = train_dataset(Path(train_eval.root), args)
     backbone = ctx.load_backbone()

@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 from bam.cli import number, number_list, parse_list, resolve_defaults
 from bam.images import labelled_splits
 from bam.samples.photos import photos_sample
+from bam.training import amp_dtype
 from eval.budget import IMAGENET_TRAIN, IMAGENET_VAL, Workload
 from eval.context import TaskContext
 from eval.tasks import TaskSpec
@@ -108,6 +109,7 @@ def run(ctx: TaskContext, args: argparse.Namespace) -> dict:
     if args.protocol == "finetune":
         resolve_defaults(args, finetune_task.DEFAULTS, finetune_task.PRESETS.get(args.preset),
                          SAMPLE_FINETUNE if ctx.is_sample else None)
+        amp_dtype(args.amp, ctx.device)  # fp16 without CUDA: refused before any data is read
     else:
         args.image_size = args.image_size or 224
         args.num_workers = args.num_workers if args.num_workers is not None else 2

@@ -40,7 +40,7 @@ def test_the_paper_suite_passes_its_own_check(capsys):
     out = capsys.readouterr().out
     assert "DOES NOT FIT" not in out and "total:" in out
     for step in ("pretrain_vit_base: 2x8 GPUs (16 processes), batch 4096 = 16 x 256, fp16",
-                 "finetune_vit_base: 1x8 GPUs (8 processes), batch 1024 = 8 x 128, fp32",
+                 "finetune_vit_base: 1x8 GPUs (8 processes), batch 1024 = 8 x 128, fp16",  # MAE's autocast
                  "linear_vit_base: 1x8 GPUs (8 processes), batch 1024 = 8 x 128",
                  "ade20k_vit_base: 1x8 GPUs (8 processes), batch 16 = 8 x 2"):
         assert step in out, step
@@ -56,9 +56,13 @@ def _suite(tmp_path, step: str) -> str:
 
 @pytest.mark.parametrize("step, message", [
     ("big: {task: finetune, profile: gpu-1, args: {data: '{imagenet}', arch: vit_base_patch16_224, batch_size: 4096}}",
+     r"step big: needs about 2\d\d GiB per GPU, profile gpu-1 has 80; use more GPUs or --accum-iter N \(each forward "
+     r"takes batch / \(GPUs x N\) images\)$"),  # MAE's fp16 already: no precision to lower
+    ("big: {task: finetune, profile: gpu-1, args: {data: '{imagenet}', arch: vit_base_patch16_224, batch_size: 4096, "
+     "amp: none}}",
      r"step big: needs about 4\d\d GiB per GPU, profile gpu-1 has 80; use more GPUs or --accum-iter N .* or "
      r"--amp bf16"),
-    ("long: {task: finetune, profile: gpu-1x8, args: {data: '{imagenet}', arch: vit_base_patch16_224, epochs: 3000}}",
+    ("long: {task: finetune, profile: gpu-1x8, args: {data: '{imagenet}', arch: vit_base_patch16_224, epochs: 7000}}",
      r"step long: needs about 3\d\d.\d h, profile gpu-1x8 allows 288.0 h \(4320 min x 4\); give it more GPUs, a longer "
      r"time_min or more requeues \(max_num_timeout\)"),
     ("slow: {task: knn, profile: gpu-1, resources: {time_min: 10}, args: {data: '{imagenet}'}}",

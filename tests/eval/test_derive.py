@@ -100,8 +100,9 @@ def test_paper_mini_is_the_paper_suite_on_samples_with_only_the_declared_flags_s
                                                          "--global-size", "--local-size")} == \
         {"--epochs": "1", "--warmup-epochs": "0.1", "--batch-size-per-gpu": "16", "--global-size": "64",
          "--local-size": "32"}  # 400, 40, 256, 224, 96 (pretrain/configs/vit_small.yaml)
-    assert {k: flags["finetune_vit_base"][k] for k in ("--epochs", "--batch-size", "--blr", "--image-size")} == \
-        {"--epochs": "1", "--batch-size": "32", "--blr": "0.0005", "--image-size": "64"}  # blr: MAE's, not the sample's
+    assert {k: flags["finetune_vit_base"][k] for k in ("--epochs", "--batch-size", "--blr", "--image-size", "--amp")} \
+        == {"--epochs": "1", "--batch-size": "32", "--blr": "0.0005", "--image-size": "64", "--amp": "bf16"}
+    # blr: MAE's, not the sample's; the precision: MAE's fp16 needs CUDA, the sample's none is not a recipe's
     assert {k: flags["coco_vit_base"][k] for k in ("--iters", "--steps", "--batch-size", "--min-size", "--lr")} == \
         {"--iters": "18", "--steps": "16,18", "--batch-size": "4", "--min-size": "128", "--lr": "0.0001"}
     assert {k: flags["ade20k_vit_base"][k] for k in ("--iters", "--batch-size", "--crop-size")} == \

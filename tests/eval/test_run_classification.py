@@ -18,6 +18,7 @@ from ..conftest import assert_flag_error, assert_one_line_error
 from ..preemption import Preempted, sigusr1_at_call
 
 COMMON = ["--image-size", "32", "--num-workers", "0"]
+FP32 = ["--amp", "none"]  # fine-tuning's default is MAE's fp16 autocast, which needs CUDA
 
 
 def _run(task, data, out, checkpoint, *extra):
@@ -76,7 +77,7 @@ def test_knn_faiss_backend_gives_the_same_numbers(digit_folders, tmp_path, tiny_
 
 def test_finetune_task_trains_and_writes_a_checkpoint(digit_folders, tmp_path, tiny_checkpoint):
     res = _run("finetune", digit_folders, tmp_path / "ft", tiny_checkpoint, "--epochs", "2", "--batch-size", "12",
-               "--warmup-epochs", "1", "--preset", "vit_small")
+               "--warmup-epochs", "1", "--preset", "vit_small", *FP32)
     assert set(res["metrics"]) == {"top1", "top5"} and len(res["history"]) == 2
     assert res["config"]["layer_decay"] == 0.75 and res["config"]["mixup"] == 0.8  # preset, then the recipe
     assert res["effective"] == {"batch_size": 12, "accum_iter": 1, "processes": 1, "lr": pytest.approx(5e-4 * 12 / 256),
@@ -118,7 +119,7 @@ def test_semisup_logreg_equals_scikit_learn_on_the_same_features(digit_folders, 
 
 def test_semisup_finetune_protocol(digit_folders, tmp_path, tiny_checkpoint):
     res = _run("semisup", digit_folders, tmp_path / "ssft", tiny_checkpoint, "--protocol", "finetune",
-               "--fractions", "0.5", "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0")
+               "--fractions", "0.5", "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0", *FP32)
     assert res["subsets"][0]["num_images"] == 18 and len(res["subsets"][0]["history"]) == 1
     assert (tmp_path / "ssft" / "50pct" / "checkpoint.pth").is_file()
 
@@ -131,7 +132,7 @@ def test_fine_tuning_on_two_processes_equals_one_process_accumulating_two_micro_
     and the training losses agree to float32 rounding."""
     from .test_run_coco import _torchrun
 
-    extra = ["--epochs", "2", "--batch-size", "12", "--warmup-epochs", "1"]
+    extra = ["--epochs", "2", "--batch-size", "12", "--warmup-epochs", "1", *FP32]
     if task == "semisup":
         extra += ["--protocol", "finetune", "--fractions", "0.5"]
 
@@ -222,6 +223,9 @@ def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, capl
     assert_one_line_error(main, ["--task", "linear", *base, "--checkpoint", str(junk)], caplog, str(junk))
     if not torch.cuda.is_available():
         assert_one_line_error(main, [*lin, "--device", "cuda"], caplog, "--device cuda was asked for but CUDA")
+        for task in (["finetune"], ["semisup", "--protocol", "finetune"]):  # MAE's fp16, refused before any data
+            assert_one_line_error(main, ["--task", *task, *base, "--checkpoint", str(tiny_checkpoint)], caplog,
+                                  "--amp fp16 needs CUDA (a grad scaler); use --amp bf16 or --amp none on cpu")
     split = tmp_path / "s.txt"
     split.write_text("0_999.png\n")
     assert_one_line_error(main, ["--task", "semisup", *base, "--fractions", "0.1", "--split-file", str(split)],
@@ -232,7 +236,7 @@ def test_classification_bad_input(digit_folders, tmp_path, tiny_checkpoint, capl
         f.unlink()
     for d in (digit_folders / "val").iterdir():
         d.rmdir()
-    assert_one_line_error(main, ["--task", "finetune", *base], caplog, "has no class folders")
+    assert_one_line_error(main, ["--task", "finetune", *base, *FP32], caplog, "has no class folders")
     assert not (tmp_path / "o" / "results.json").exists()
 
 

@@ -22,7 +22,7 @@ TRAINABLE = ("finetune", "linear", "semisup", "coco")
 DIGITS = {"train_per_class": 60, "val_per_class": 4}
 EPOCHS = 3
 FINETUNE = ["--epochs", str(EPOCHS), "--batch-size", "2", "--warmup-epochs", "1", "--image-size", "32",
-            "--num-workers", "0"]
+            "--num-workers", "0", "--amp", "none"]  # MAE's fp16 (the default) needs CUDA
 # "done": optimizer steps done at the checkpoint a "resuming" line names, from the line's numbers and steps per epoch
 _FINETUNE_RESUMED = (r"resuming fine-tuning from \S+ \(epoch (\d+) done(?:, (\d+) steps into epoch \d+)?\)",
                      lambda m, per_epoch: int(m[1]) * per_epoch + int(m[2] or 0))

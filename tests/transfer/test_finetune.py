@@ -99,7 +99,7 @@ def test_randaugment_posterize_survives_zero_bits():
 
 def _args(**kw):
     base = dict(finetune_task.DEFAULTS, epochs=2, warmup_epochs=1, batch_size=8, blr=1e-3, image_size=32,
-                num_workers=0, drop_path=0.1, seed=0)
+                num_workers=0, drop_path=0.1, seed=0, amp="none")  # the recipe's fp16 autocast needs CUDA
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -108,6 +108,26 @@ def _finetune(backbone, folders, out, run_id=1, **kw):
     train = ft.train_dataset(folders / "train", args)
     val = EvalImageFolder(folders / "val", 32)
     return ft.finetune(backbone, train, val, 3, args, torch.device("cpu"), out, {"run": run_id})
+
+
+def test_the_evaluation_runs_under_the_training_autocast(digit_folders, tmp_path, tiny_vit, monkeypatch):
+    """MAE evaluates under the autocast it trains with (engine_finetune.py:115, fp16 on CUDA): with --amp bf16 (the
+    autocast a CPU has) the head's logits in the validation passes are bf16 (autocast runs a linear layer in bf16);
+    with --amp none float32."""
+    evaluate, seen = ft.evaluate, []
+
+    def spied(model, *args, **kwargs):
+        hook = model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        try:
+            return evaluate(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(ft, "evaluate", spied)
+    for amp, dtype in (("bf16", torch.bfloat16), ("none", torch.float32)):
+        seen.clear()
+        out = _finetune(copy.deepcopy(tiny_vit), digit_folders, tmp_path / amp, epochs=1, amp=amp)
+        assert set(seen) == {dtype} and math.isfinite(out["top1"]), amp
 
 
 def test_finetune_steps_and_a_run_killed_mid_way_resumes_to_the_uninterrupted_weights(digit_folders, tmp_path,

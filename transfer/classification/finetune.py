@@ -161,16 +161,18 @@ def train_dataset(root: Path, args) -> ImageFolder:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, workers: int
-             ) -> dict[str, float]:
-    """Top-1 / top-5 (percent) on ``dataset``. Under a process group each rank scores every ``world``-th image and
-    the counts are summed: every rank returns the whole set's figures."""
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, workers: int,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Top-1 / top-5 (percent) on ``dataset``, the forward under the training's autocast ``dtype`` as MAE's
+    (engine_finetune.py's evaluate). Under a process group each rank scores every ``world``-th image and the counts
+    are summed: every rank returns the whole set's figures."""
     info = get_dist_info()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.world_size > 1 else dataset
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=workers):
-        logits = model(images.to(device)).float()
+        with training.autocast(device, dtype):
+            logits = model(images.to(device)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu() == labels[:, None]
         counts += torch.tensor([top[:, 0].sum().item(), top.any(dim=1).sum().item(), len(labels)], dtype=torch.float64)
     hits1, hits5, n = sum_over_ranks(counts).tolist()
@@ -283,7 +285,7 @@ def finetune(backbone: Backbone, train_set: Dataset, val_set: Dataset, num_class
                     logger.info("saved %s at step %d of epoch %d (signal)", ckpt_path, step + 1, epoch + 1)
                     save_now.release()
             bar.close()
-            val = evaluate(model, val_set, device, micro, args.num_workers)
+            val = evaluate(model, val_set, device, micro, args.num_workers, dtype)
             history.append({"epoch": epoch, "train_loss": running / max(steps_per_epoch, 1),
                             **{f"val_{k}": v for k, v in val.items()}, "lr": optimizer.param_groups[-1]["lr"]})
             logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%", epoch + 1, args.epochs,
