@@ -166,8 +166,12 @@ def estimate(step: str, w: Workload, profile: Profile) -> Estimate:
     gpus = profile.nodes * profile.gpus_per_node
     if gpus == 0:  # a CPU profile (the local test cluster): nothing to check against
         return Estimate(step, w, profile, 0.0, 0.0, limit)
-    peak, fwd, bwd, weights = probe(w.arch, w.arch_kwargs, w.inputs, w.micro_batch, w.trains, w.precision,
-                                    w.grad_checkpointing)
+    try:
+        peak, fwd, bwd, weights = probe(w.arch, w.arch_kwargs, w.inputs, w.micro_batch, w.trains, w.precision,
+                                        w.grad_checkpointing)
+    except (AssertionError, RuntimeError, ValueError) as e:  # the step's run would fail the same way
+        sizes = ", ".join(f"{h} x {w_}" for _, h, w_ in w.inputs)
+        raise ValueError(f"step {step}: {w.arch} cannot run on its inputs ({sizes}): {str(e).strip()}") from e
     if w.trains:  # the optimizer's state, and the weights (their gradients, their state) the probe does not build
         peak += 4 * weights * OPTIMIZER_COPIES[w.optimizer] + 4 * w.extra_params * (2 + OPTIMIZER_COPIES[w.optimizer])
     if w.teacher:

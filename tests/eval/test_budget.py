@@ -75,6 +75,15 @@ def test_a_step_that_cannot_fit_fails_the_dry_run_in_one_line(step, message, tmp
     assert "DOES NOT FIT" in capsys.readouterr().out  # the plan is printed, the problem marked
 
 
+def test_a_step_whose_model_cannot_take_its_inputs_fails_the_dry_run_in_one_line(tmp_path, caplog):
+    """DAVIS at --short-side 120: frames of 120 x 192 (854 x 120 / 480 = 213, floored to a multiple of 64), which
+    patches of 16 do not tile; timm's own message is kept."""
+    step = "dv: {task: davis, profile: gpu-1, args: {data: '{imagenet}', arch: vit_small_patch16_224, short_side: 120}}"
+    assert_one_line_error(main, ["--suite", _suite(tmp_path, step), "--dry-run"], caplog,
+                          "step dv: vit_small_patch16_224 cannot run on its inputs (120 x 192): Input height (120) "
+                          "should be divisible by patch size (16)")
+
+
 def test_a_submission_is_checked_before_anything_is_submitted(tmp_path, caplog):
     step = "big: {task: finetune, profile: gpu-1, args: {data: '{imagenet}', arch: vit_base_patch16_224, " \
            "batch_size: 4096}}"
